@@ -1,0 +1,148 @@
+//! `POST /v1/publish`: one event or an atomic batch from a backend.
+//!
+//! Invariants: the reply is sent only after the events are durable; a batch
+//! is validated whole before anything is written, so a bad event stores
+//! nothing; the payload is stored as the bytes that arrived.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use http::HeaderMap;
+use serde::Deserialize;
+use serde_json::json;
+use serde_json::value::RawValue;
+
+use super::RawBody;
+use super::error::ApiError;
+use crate::AppState;
+use crate::auth::Credentials;
+use crate::store::{NewMessage, valid_channel};
+
+/// One event at the top level, or `{"events":[…]}`. (No `#[serde(flatten)]`:
+/// it would buffer `data` and lose the raw bytes.)
+#[derive(Deserialize)]
+struct PublishBody {
+    events: Option<Vec<PublishEvent>>,
+    channel: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    data: Option<Box<RawValue>>,
+    id: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct PublishEvent {
+    channel: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    data: Option<Box<RawValue>>,
+    id: Option<String>,
+}
+
+const MAX_TYPE_LEN: usize = 200;
+const MAX_ID_LEN: usize = 200;
+
+/// Checks one event and makes it a message. `source` is `publish` or `ws`.
+pub fn to_message(
+    channel: Option<String>,
+    kind: Option<String>,
+    data: Option<Box<RawValue>>,
+    id: Option<String>,
+    source: &str,
+) -> Result<NewMessage, ApiError> {
+    let channel =
+        channel.ok_or_else(|| ApiError::bad_request("invalid_channel", "`channel` is required"))?;
+    if !valid_channel(&channel) {
+        return Err(ApiError::invalid_channel(&channel));
+    }
+    let kind = kind.unwrap_or_else(|| "message".to_string());
+    if kind.is_empty() || kind.len() > MAX_TYPE_LEN || kind.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "invalid_type",
+            format!("`type` must be 1-{MAX_TYPE_LEN} bytes without control characters"),
+        ));
+    }
+    if let Some(id) = &id
+        && (id.is_empty() || id.len() > MAX_ID_LEN)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_id",
+            format!("`id` (the idempotency key) must be 1-{MAX_ID_LEN} bytes"),
+        ));
+    }
+    let data = data.unwrap_or_else(|| RawValue::from_string("null".into()).expect("null is JSON"));
+    Ok(NewMessage {
+        channels: vec![channel],
+        kind,
+        source: source.to_string(),
+        source_id: id,
+        data,
+    })
+}
+
+pub async fn publish(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let parsed: PublishBody = serde_json::from_slice(&body).map_err(|e| {
+        if e.is_data() {
+            ApiError::bad_request(
+                "invalid_event",
+                format!("the event does not have the expected shape: {e}"),
+            )
+        } else {
+            ApiError::invalid_json(e)
+        }
+    })?;
+    let events = match parsed.events {
+        Some(list) => {
+            if list.is_empty() {
+                return Err(ApiError::bad_request("invalid_event", "`events` is empty"));
+            }
+            let cap = app.config.limits.batch_size;
+            if list.len() > cap {
+                return Err(ApiError::bad_request(
+                    "batch_too_large",
+                    format!("at most {cap} events per batch"),
+                ));
+            }
+            list
+        }
+        None => vec![PublishEvent {
+            channel: parsed.channel,
+            kind: parsed.kind,
+            data: parsed.data,
+            id: parsed.id,
+        }],
+    };
+    let messages = events
+        .into_iter()
+        .map(|e| to_message(e.channel, e.kind, e.data, e.id, "publish"))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let channels: Vec<&str> = messages.iter().map(|m| m.channels[0].as_str()).collect();
+    let creds = Credentials::from_request(&headers, None);
+    let publisher = app.auth.authorize_publish(&creds, &channels)?;
+    app.limits.check_publish(&publisher, messages.len())?;
+
+    let started = std::time::Instant::now();
+    let appended = app.store.append(messages).await?;
+    app.metrics
+        .append_seconds
+        .record(started.elapsed().as_secs_f64());
+    let stored: u64 = appended
+        .iter()
+        .filter(|a| !a.duplicate)
+        .map(|a| a.seqs.len() as u64)
+        .sum();
+    app.metrics.events_appended.increment(stored);
+
+    let ids: Vec<String> = appended
+        .iter()
+        .map(|a| crate::transport::cursor(&app, a.seqs[0]))
+        .collect();
+    let duplicate: Vec<bool> = appended.iter().map(|a| a.duplicate).collect();
+    Ok(Json(json!({"ids": ids, "duplicate": duplicate})))
+}

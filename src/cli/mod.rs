@@ -1,0 +1,32 @@
+//! The command line: `pushgate serve | send | listen | token`.
+//!
+//! Owns argument parsing and what each subcommand prints; the work itself is
+//! done by the library (`serve`) so the CLI stays thin.
+
+pub mod serve;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pushgate",
+    version,
+    about = "Self-hosted real-time event gateway"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server (zero configuration: 127.0.0.1:8080, ./pushgate.db, development mode).
+    Serve(serve::ServeArgs),
+}
+
+/// Runs the CLI; the return value is the process exit code.
+pub async fn run(cli: Cli) -> i32 {
+    match cli.command {
+        Command::Serve(args) => serve::run(args).await,
+    }
+}

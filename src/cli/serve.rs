@@ -1,0 +1,99 @@
+//! `pushgate serve`: load configuration, bind, print where to go, run until
+//! SIGTERM or Ctrl-C.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::config::Config;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// TOML configuration file (contract section 5). Every key can also be
+    /// set as PUSHGATE_SECTION__KEY in the environment.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Allow development mode (no keys) on a non-loopback address.
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+/// Exit codes: 0 clean stop, 1 runtime failure, 2 bad configuration.
+pub async fn run(args: ServeArgs) -> i32 {
+    let mut config = match Config::load(args.config.as_deref(), std::env::vars()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pushgate: configuration error: {e}");
+            return 2;
+        }
+    };
+    config.insecure = args.insecure;
+    let addr = match config.listen_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("pushgate: configuration error: {e}");
+            return 2;
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("pushgate: cannot listen on {addr}: {e}");
+            return 1;
+        }
+    };
+    print_banner(&config, listener.local_addr().unwrap_or(addr));
+    match crate::serve(listener, config, shutdown_signal()).await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("pushgate: {e}");
+            if matches!(e, crate::ServeError::InsecureListen(_)) {
+                2
+            } else {
+                1
+            }
+        }
+    }
+}
+
+fn print_banner(config: &Config, addr: std::net::SocketAddr) {
+    let scheme = if config.server.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let base = format!("{scheme}://{addr}");
+    println!("pushgate listening on {base}");
+    println!("  dashboard:  {base}/");
+    println!(
+        "  publish:    curl -X POST {base}/v1/publish -d '{{\"channel\":\"news\",\"type\":\"hello\",\"data\":{{\"msg\":\"hi\"}}}}'"
+    );
+    println!("  subscribe:  curl -N '{base}/v1/stream?channel=news'");
+    println!("  log:        {}", config.store.url);
+    if config.auth.is_development() {
+        println!();
+        println!("  !! DEVELOPMENT MODE: no keys are configured, so no key or token is required");
+        println!(
+            "  !! anywhere. This is only allowed on a loopback address. Set auth.publish_keys,"
+        );
+        println!("  !! auth.admin_keys and auth.jwt_secret before exposing pushgate.");
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutdown signal received");
+}

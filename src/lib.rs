@@ -1,0 +1,149 @@
+//! pushgate: webhooks and a publish API in; one durable, ordered log;
+//! SSE, WebSocket, long-polling and signed outbound webhooks out.
+//!
+//! Data flows through the modules in this order: `config` → `ingest` /
+//! `api::publish` → `store` (the log, the truth) → `hub` (in-memory fan-out)
+//! → `transport` (SSE, polling). `serve` wires them together; `main` and the
+//! integration tests both call it.
+
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod hub;
+pub mod limits;
+pub mod metrics;
+pub mod server;
+pub mod store;
+pub mod transport;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::limits::Limits;
+use crate::metrics::Metrics;
+use crate::store::{Retention, Store};
+
+/// Everything a handler may touch, passed explicitly; no globals.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Arc<dyn Store>,
+    pub hub: Arc<Hub>,
+    pub auth: Auth,
+    pub limits: Limits,
+    pub metrics: Metrics,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(
+        "refusing to listen on {0} without keys: development mode is loopback-only (configure auth keys, or pass --insecure)"
+    )]
+    InsecureListen(std::net::SocketAddr),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// How long shutdown waits for open requests before dropping them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// Runs pushgate on `listener` until `shutdown` resolves, then closes streams
+/// (clients reconnect elsewhere), finishes in-flight requests, flushes the
+/// log and returns.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let local = listener.local_addr()?;
+    if config.auth.is_development() && !local.ip().is_loopback() && !config.insecure {
+        return Err(ServeError::InsecureListen(local));
+    }
+    let config = Arc::new(config);
+    let (store, feed) = store::open(&config.store).await?;
+    let hub = Arc::new(Hub::new(store.log_tag(), config.server.subscriber_queue));
+    let app = Arc::new(AppState {
+        auth: Auth::new(&config.auth)?,
+        limits: Limits::new(&config.limits),
+        metrics: Metrics::new(),
+        config: config.clone(),
+        store: store.clone(),
+        hub: hub.clone(),
+    });
+
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(feed_hub(hub.clone(), feed));
+    background.spawn(heartbeat(app.clone()));
+    background.spawn(retention(app.clone()));
+
+    let router = api::router(app.clone());
+    let tls = server::tls_acceptor(&config.server)?;
+    let result = server::run(
+        listener,
+        router,
+        tls,
+        &config.server,
+        shutdown,
+        {
+            let hub = hub.clone();
+            move || hub.close_all()
+        },
+        DRAIN_TIMEOUT,
+    )
+    .await;
+
+    background.abort_all();
+    while background.join_next().await.is_some() {}
+    store.close().await;
+    tracing::info!("pushgate stopped");
+    result.map_err(ServeError::from)
+}
+
+/// Feeds the hub from the store's commit feed, in log order.
+async fn feed_hub(hub: Arc<Hub>, mut feed: store::CommitFeed) {
+    while let Some(batch) = feed.recv().await {
+        hub.dispatch(&batch);
+    }
+}
+
+async fn heartbeat(app: Arc<AppState>) {
+    let mut tick = tokio::time::interval(app.config.server.heartbeat.0);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        app.hub.heartbeat();
+        app.limits.retain_recent();
+    }
+}
+
+async fn retention(app: Arc<AppState>) {
+    let cfg = &app.config.store;
+    // Prune often enough that short retentions (tests, demos) are honoured.
+    let every = (cfg.retention.0 / 2).clamp(Duration::from_millis(500), Duration::from_secs(60));
+    let rule = Retention {
+        max_age_ms: cfg.retention.0.as_millis().min(i64::MAX as u128) as i64,
+        max_events: cfg.max_events,
+        dedupe_window_ms: cfg.dedupe_window.0.as_millis().min(i64::MAX as u128) as i64,
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        match app.store.prune(rule).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(removed = n, "retention pruned the log"),
+            Err(e) => tracing::warn!(error = %e, "retention failed"),
+        }
+    }
+}

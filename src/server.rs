@@ -1,0 +1,127 @@
+//! The listening socket: accepts connections and serves HTTP/1.1 and HTTP/2
+//! on them (h2c by prior knowledge in clear text; ALPN under TLS).
+//!
+//! Invariants: a client gets `server.header_timeout` to send its request
+//! head (slow or half-open connections are closed, not kept); on shutdown the
+//! listener closes first, then streams are ended (`on_shutdown`), then open
+//! requests get `drain` to finish.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
+use tower::ServiceExt;
+
+use crate::ServeError;
+use crate::config::ServerConfig;
+
+pub fn tls_acceptor(cfg: &ServerConfig) -> Result<Option<TlsAcceptor>, ServeError> {
+    let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else {
+        return Ok(None);
+    };
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| ServeError::Tls(format!("{}: {e}", p.display())))
+    };
+    let certs = rustls_pemfile::certs(&mut read(cert)?.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ServeError::Tls(format!("{}: {e}", cert.display())))?;
+    let key = rustls_pemfile::private_key(&mut read(key)?.as_slice())
+        .map_err(|e| ServeError::Tls(format!("{}: {e}", key.display())))?
+        .ok_or_else(|| ServeError::Tls(format!("{}: no private key found", key.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ServeError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Some(TlsAcceptor::from(Arc::new(config))))
+}
+
+fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_timeout.0)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(cfg.heartbeat.0)
+        .keep_alive_timeout(cfg.heartbeat.0 * 2)
+        .max_concurrent_streams(256);
+    b
+}
+
+pub async fn run(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<TlsAcceptor>,
+    cfg: &ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_shutdown: impl FnOnce(),
+    drain: Duration,
+) -> std::io::Result<()> {
+    let builder = builder(cfg);
+    let graceful = GracefulShutdown::new();
+    let handshake_timeout = cfg.header_timeout.0;
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, don't spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            router.clone().oneshot(req.map(axum::body::Body::new))
+        });
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        match tls.clone() {
+            None => {
+                tokio::spawn(async move {
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let _ = watcher.watch(conn.into_owned()).await;
+                });
+            }
+            Some(acceptor) => {
+                tokio::spawn(async move {
+                    let Ok(Ok(tls)) =
+                        tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
+                    else {
+                        return;
+                    };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                    let _ = watcher.watch(conn.into_owned()).await;
+                });
+            }
+        }
+    }
+    drop(listener);
+    on_shutdown();
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(drain) => tracing::warn!("shutdown: some connections did not finish in time"),
+    }
+    Ok(())
+}

@@ -1,0 +1,266 @@
+//! The durable, ordered log: the single source of truth.
+//!
+//! Owns events, cursors and dedupe keys. Invariants every implementation keeps:
+//! - `append` returns only after the events are durable (committed and synced);
+//! - sequence numbers are assigned inside the write transaction, so log order,
+//!   commit order and visibility order are the same: a reader that has seen
+//!   seq N never later finds a new event below N;
+//! - `(source, source_id)` is unique for `dedupe_window`, enforced by the
+//!   database, and outlives the event's own retention;
+//! - every committed batch is sent once, in log order, on the commit feed
+//!   that the hub consumes.
+
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+
+/// Position of an event in the log. Never reused, strictly increasing.
+pub type Seq = i64;
+
+/// A committed event, as read back from the log.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub seq: Seq,
+    pub channel: String,
+    pub kind: String,
+    pub source: String,
+    pub source_id: Option<String>,
+    /// Milliseconds since the Unix epoch, assigned by the writer.
+    pub time_ms: i64,
+    /// The payload as it arrived: valid JSON text, never re-serialized.
+    pub data: Box<RawValue>,
+}
+
+/// One message to append. It becomes one log event per channel (a webhook
+/// may route to several); all of them share the dedupe key.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub channels: Vec<String>,
+    pub kind: String,
+    pub source: String,
+    pub source_id: Option<String>,
+    pub data: Box<RawValue>,
+}
+
+/// The outcome of appending one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// The cursors of the message's events, one per channel; for a duplicate,
+    /// the first cursor the key was stored with.
+    pub seqs: Vec<Seq>,
+    pub duplicate: bool,
+}
+
+/// A page read from the log.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub events: Vec<Event>,
+    /// Everything up to this seq has been looked at: a reader may resume
+    /// after it even if the last event returned is lower. Equals the last
+    /// event's seq when the page was cut by `limit`.
+    pub scanned_to: Seq,
+}
+
+/// Where the retained log begins and ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Highest seq removed by retention (0 if none): `earliest` means after it.
+    pub pruned_through: Seq,
+    /// Highest seq ever assigned.
+    pub head: Seq,
+}
+
+/// What retention removes.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub max_age_ms: i64,
+    /// 0 = no count limit.
+    pub max_events: u64,
+    pub dedupe_window_ms: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the log is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the log is shutting down")]
+    Closed,
+    #[error("corrupt row in the log: {0}")]
+    Corrupt(String),
+}
+
+/// The committed batches, in log order, for the hub.
+pub type CommitFeed = mpsc::Receiver<Arc<[Event]>>;
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Identity of this log, carried in every cursor so a cursor from another
+    /// log is recognised instead of silently misread.
+    fn log_tag(&self) -> &str;
+
+    /// Appends messages atomically (all or none) and returns after they are
+    /// durable. Events are consecutive in the log in the order given.
+    async fn append(&self, messages: Vec<NewMessage>) -> Result<Vec<Appended>, StoreError>;
+
+    /// Events of `channels` with seq > `after`, in log order, at most `limit`.
+    async fn read(&self, channels: &[String], after: Seq, limit: usize)
+    -> Result<Page, StoreError>;
+
+    async fn bounds(&self) -> Result<Bounds, StoreError>;
+
+    /// Removes what retention no longer covers; returns the number of events removed.
+    async fn prune(&self, retention: Retention) -> Result<u64, StoreError>;
+
+    /// Cheap check that the log answers (for `/readyz`).
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Finishes in-flight appends and closes. Appends after this fail with `Closed`.
+    async fn close(&self);
+}
+
+/// Opens the store the URL names; the commit feed delivers what it commits.
+pub async fn open(
+    config: &crate::config::StoreConfig,
+) -> Result<(Arc<dyn Store>, CommitFeed), StoreError> {
+    if let Some(path) = config.url.strip_prefix("sqlite://") {
+        let (store, feed) = sqlite::SqliteStore::open(path, &config.synchronous)?;
+        Ok((Arc::new(store), feed))
+    } else {
+        Err(StoreError::Unavailable(format!(
+            "unsupported store url `{}`",
+            config.url
+        )))
+    }
+}
+
+/// A resume point as a client wrote it, checked against the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// Continue after this seq.
+    After(Seq),
+    /// The cursor cannot be honoured; the client is told and continues from
+    /// the oldest retained event.
+    Reset(ResetReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetReason {
+    Expired,
+    ForeignLog,
+    Ahead,
+    Unparsable,
+}
+
+impl ResetReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResetReason::Expired => "cursor_expired",
+            ResetReason::ForeignLog => "cursor_foreign",
+            ResetReason::Ahead => "cursor_ahead",
+            ResetReason::Unparsable => "cursor_invalid",
+        }
+    }
+}
+
+/// Cursors look like `1042-k3f9qz`: the seq, then the log's tag. Clients
+/// never parse them; the tag lets us tell a cursor from another log.
+pub fn format_cursor(seq: Seq, tag: &str) -> String {
+    format!("{seq}-{tag}")
+}
+
+/// Parses a client cursor. `earliest` is before the oldest retained event.
+pub fn parse_cursor(text: &str, tag: &str, bounds: Bounds) -> Resume {
+    if text == "earliest" {
+        return Resume::After(bounds.pruned_through);
+    }
+    let Some((seq, their_tag)) = text.split_once('-') else {
+        return Resume::Reset(ResetReason::Unparsable);
+    };
+    let Ok(seq) = seq.parse::<Seq>() else {
+        return Resume::Reset(ResetReason::Unparsable);
+    };
+    if seq < 0 {
+        return Resume::Reset(ResetReason::Unparsable);
+    }
+    if their_tag != tag {
+        return Resume::Reset(ResetReason::ForeignLog);
+    }
+    if seq > bounds.head {
+        return Resume::Reset(ResetReason::Ahead);
+    }
+    if seq < bounds.pruned_through {
+        return Resume::Reset(ResetReason::Expired);
+    }
+    Resume::After(seq)
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Channel names: 1–200 bytes of `[A-Za-z0-9_.:@=/-]`.
+pub fn valid_channel(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.:@=/-".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const B: Bounds = Bounds {
+        pruned_through: 10,
+        head: 100,
+    };
+
+    #[test]
+    fn cursors_round_trip_and_reset_reasons() {
+        assert_eq!(
+            parse_cursor(&format_cursor(42, "abc"), "abc", B),
+            Resume::After(42)
+        );
+        assert_eq!(parse_cursor("earliest", "abc", B), Resume::After(10));
+        assert_eq!(parse_cursor("10-abc", "abc", B), Resume::After(10));
+        assert_eq!(
+            parse_cursor("9-abc", "abc", B),
+            Resume::Reset(ResetReason::Expired)
+        );
+        assert_eq!(
+            parse_cursor("101-abc", "abc", B),
+            Resume::Reset(ResetReason::Ahead)
+        );
+        assert_eq!(
+            parse_cursor("42-zzz", "abc", B),
+            Resume::Reset(ResetReason::ForeignLog)
+        );
+        for junk in ["", "42", "x-abc", "-1-abc", "99999999999999999999-abc"] {
+            assert_eq!(
+                parse_cursor(junk, "abc", B),
+                Resume::Reset(ResetReason::Unparsable),
+                "{junk}"
+            );
+        }
+    }
+
+    #[test]
+    fn channel_names() {
+        assert!(valid_channel("user:42"));
+        assert!(valid_channel("a.b/c@d=e-f_g"));
+        assert!(valid_channel(&"x".repeat(200)));
+        assert!(!valid_channel(&"x".repeat(201)));
+        assert!(!valid_channel(""));
+        assert!(!valid_channel("user 42"));
+        assert!(!valid_channel("user:42\n"));
+        assert!(!valid_channel("ü"));
+    }
+}
