@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs every test pushgate has, on a fresh machine too: installs what the
+# tests need, starts the services they talk to, then runs the suites.
+# Services that a test needs and cannot reach make that test fail, not skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*"; }
+
+# --- PostgreSQL on localhost (the multi-node tests use it) -----------------
+if command -v pg_lsclusters >/dev/null 2>&1; then
+  if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
+    log "starting PostgreSQL"
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
+    for _ in $(seq 1 50); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 0.2; done
+  fi
+fi
+
+# --- Node.js packages for interop and browser tests -------------------------
+if [ -f tests/js/package.json ]; then
+  log "installing test JavaScript packages"
+  (cd tests/js && npm install --no-audit --no-fund --loglevel=error)
+fi
+
+log "cargo test"
+cargo test --all-targets 2>&1
+
+if [ -f tests/js/package.json ] && [ -d clients/js ]; then
+  log "client library unit tests (node --test)"
+  node --test clients/js/test/
+fi
