@@ -18,6 +18,8 @@ pub struct Metrics {
     pub streams_ws: Gauge,
     pub streams_poll: Gauge,
     pub lagged_subscribers: Counter,
+    pub webhook_attempts_succeeded: Counter,
+    pub webhook_attempts_failed: Counter,
 }
 
 const META: Metadata<'static> = Metadata::new("pushgate", metrics::Level::INFO, None);
@@ -54,6 +56,14 @@ impl Metrics {
             deliveries_ws: counter("pushgate_deliveries_total", &[("transport", "ws")]),
             deliveries_poll: counter("pushgate_deliveries_total", &[("transport", "poll")]),
             lagged_subscribers: counter("pushgate_subscriber_lags_total", &[]),
+            webhook_attempts_succeeded: counter(
+                "pushgate_webhook_attempts_total",
+                &[("result", "succeeded")],
+            ),
+            webhook_attempts_failed: counter(
+                "pushgate_webhook_attempts_total",
+                &[("result", "failed")],
+            ),
             append_seconds: recorder
                 .register_histogram(&Key::from_name("pushgate_append_seconds"), &META),
             streams_sse: gauge("pushgate_open_streams", "sse"),

@@ -5,6 +5,7 @@
 //! never the query string (it may hold `?token=`); bodies are read with the
 //! configured limit and refused with 413 while streaming, never buffered whole.
 
+pub mod endpoints;
 pub mod error;
 pub mod publish;
 
@@ -29,6 +30,20 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/v1/publish", post(publish::publish))
         .route("/v1/stream", get(sse::stream))
         .route("/v1/events", get(poll::events))
+        .route(
+            "/v1/endpoints",
+            get(endpoints::list).post(endpoints::create),
+        )
+        .route(
+            "/v1/endpoints/{id}",
+            get(endpoints::get)
+                .patch(endpoints::update)
+                .delete(endpoints::delete),
+        )
+        .route("/v1/endpoints/{id}/rotate", post(endpoints::rotate))
+        .route("/v1/endpoints/{id}/secret", get(endpoints::secret))
+        .route("/v1/endpoints/{id}/attempts", get(endpoints::attempts))
+        .route("/v1/endpoints/{id}/replay", post(endpoints::replay))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))

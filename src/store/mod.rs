@@ -10,6 +10,7 @@
 //! - every committed batch is sent once, in log order, on the commit feed
 //!   that the hub consumes.
 
+pub mod outbound;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -17,6 +18,12 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
+
+pub use outbound::{
+    AttemptOutcome, AttemptStatus, AttemptView, ClaimWant, Claimed, Delivery, Endpoint,
+    EndpointPatch, EndpointSecret, Health, NewDelivery, NewEndpoint, NextStep, OutboxAdvance,
+    SecretRotation,
+};
 
 /// Position of an event in the log. Never reused, strictly increasing.
 pub type Seq = i64;
@@ -120,6 +127,75 @@ pub trait Store: Send + Sync + 'static {
 
     /// Finishes in-flight appends and closes. Appends after this fail with `Closed`.
     async fn close(&self);
+
+    // ---- Outbound webhooks (`deliver`) --------------------------------------
+    // Types and invariants: `store::outbound`. Every write is durable before
+    // it returns, like `append`.
+
+    /// Events of every channel with seq > `after`, in log order, at most
+    /// `limit`; `scanned_to` as for `read`. The outbox dispatcher and replay
+    /// walk the whole log with it.
+    async fn read_log(&self, after: Seq, limit: usize) -> Result<Page, StoreError>;
+
+    /// Stores a new endpoint; `from_seq` is the log's head at that moment.
+    async fn create_endpoint(&self, endpoint: NewEndpoint) -> Result<Endpoint, StoreError>;
+
+    /// Every endpoint, oldest first.
+    async fn list_endpoints(&self) -> Result<Vec<Endpoint>, StoreError>;
+
+    async fn get_endpoint(&self, id: &str) -> Result<Option<Endpoint>, StoreError>;
+
+    /// Applies `patch` atomically; `None` if there is no such endpoint.
+    async fn update_endpoint(
+        &self,
+        id: &str,
+        patch: EndpointPatch,
+    ) -> Result<Option<Endpoint>, StoreError>;
+
+    /// Removes the endpoint with its deliveries and attempts; `false` if absent.
+    async fn delete_endpoint(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// Where the outbox dispatcher has got to: every event at or below it
+    /// has its deliveries in the queue. 0 on a new log.
+    async fn outbox_cursor(&self) -> Result<Seq, StoreError>;
+
+    /// Queues `deliveries` and, with `advance`, moves the outbox cursor in the
+    /// same transaction. Returns `false` (and writes nothing) when `advance`
+    /// does not start at the stored cursor.
+    async fn enqueue_deliveries(
+        &self,
+        deliveries: Vec<NewDelivery>,
+        advance: Option<OutboxAdvance>,
+    ) -> Result<bool, StoreError>;
+
+    /// Leases up to `want.max` due pending deliveries of each enabled
+    /// endpoint in `wants` (oldest due first): their attempt count goes up by
+    /// one and `next_ms` moves to `lease_until_ms`. Reports each endpoint's
+    /// next due time after the claim.
+    async fn claim_deliveries(
+        &self,
+        wants: Vec<ClaimWant>,
+        now_ms: i64,
+        lease_until_ms: i64,
+    ) -> Result<Claimed, StoreError>;
+
+    /// Records an attempt and applies its `next` step (only if the delivery
+    /// is still pending at this attempt) and its `health` to the endpoint.
+    async fn record_attempt(&self, outcome: AttemptOutcome) -> Result<(), StoreError>;
+
+    /// The endpoint's pending deliveries (as `Pending` rows, soonest first),
+    /// then its attempts, newest first; at most `limit` rows in all.
+    /// `status` keeps only rows of that status.
+    async fn list_attempts(
+        &self,
+        endpoint_id: &str,
+        status: Option<AttemptStatus>,
+        limit: usize,
+    ) -> Result<Vec<AttemptView>, StoreError>;
+
+    /// Removes finished deliveries and attempts older than `before_ms`;
+    /// returns how many rows went.
+    async fn prune_deliveries(&self, before_ms: i64) -> Result<u64, StoreError>;
 }
 
 /// Opens the store the URL names; the commit feed delivers what it commits.

@@ -22,8 +22,9 @@ use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Appended, Bounds, CommitFeed, Event, NewMessage, Page, Retention, Seq, Store, StoreError,
-    now_ms,
+    Appended, AttemptOutcome, AttemptStatus, AttemptView, Bounds, ClaimWant, Claimed, CommitFeed,
+    Delivery, Endpoint, EndpointPatch, EndpointSecret, Event, Health, NewDelivery, NewEndpoint,
+    NewMessage, NextStep, OutboxAdvance, Page, Retention, Seq, Store, StoreError, now_ms,
 };
 
 /// Requests the writer takes in one transaction, at most.
@@ -52,7 +53,60 @@ CREATE TABLE IF NOT EXISTS dedupe (
     PRIMARY KEY (source, source_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedupe_by_time ON dedupe (time_ms);
+
+CREATE TABLE IF NOT EXISTS endpoints (
+    id TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    channels TEXT NOT NULL,
+    types TEXT NOT NULL,
+    description TEXT NOT NULL,
+    enabled INTEGER NOT NULL,
+    disabled_reason TEXT,
+    rate_limit INTEGER,
+    secrets TEXT NOT NULL,
+    from_seq INTEGER NOT NULL,
+    failing_since_ms INTEGER,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY,
+    endpoint_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    event_id TEXT NOT NULL,
+    msg_id TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    status INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    leased INTEGER NOT NULL,
+    next_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (endpoint_id, next_ms) WHERE status = 0;
+CREATE INDEX IF NOT EXISTS deliveries_finished ON deliveries (updated_ms) WHERE status <> 0;
+CREATE INDEX IF NOT EXISTS deliveries_by_endpoint ON deliveries (endpoint_id, id);
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY,
+    delivery_id INTEGER NOT NULL,
+    endpoint_id TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    msg_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    succeeded INTEGER NOT NULL,
+    response_status INTEGER,
+    response_body TEXT,
+    error TEXT,
+    duration_ms INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempts_by_endpoint ON attempts (endpoint_id, id);
+CREATE INDEX IF NOT EXISTS attempts_by_time ON attempts (at_ms);
 ";
+
+/// `deliveries.status` values.
+const PENDING: i64 = 0;
+const SUCCEEDED: i64 = 1;
+const FAILED: i64 = 2;
 
 enum WriteCmd {
     Append {
@@ -66,6 +120,9 @@ enum WriteCmd {
     Pragmas {
         reply: oneshot::Sender<rusqlite::Result<(String, i64)>>,
     },
+    /// Any other write, run on the writer's connection with the current head
+    /// (outbound webhooks); it replies through its own channel.
+    Run(Box<dyn FnOnce(&mut Connection, Seq) + Send>),
 }
 
 pub struct SqliteStore {
@@ -106,6 +163,13 @@ impl SqliteStore {
             .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))
             .map_err(unavailable)?;
         let head = max_seq.max(pruned_through);
+        // One process owns an SQLite log: leases left by a previous run
+        // belong to deliveries that died with it, so they are due now.
+        conn.execute(
+            "UPDATE deliveries SET leased = 0, next_ms = ?1 WHERE status = 0 AND leased = 1",
+            params![now_ms()],
+        )
+        .map_err(unavailable)?;
 
         let (writer_tx, writer_rx) = mpsc::channel(4096);
         let (feed_tx, feed_rx) = mpsc::channel(1024);
@@ -128,6 +192,22 @@ impl SqliteStore {
             readers: Arc::new(Mutex::new(Vec::new())),
         };
         Ok((store, feed_rx))
+    }
+
+    /// Runs `f` on the writer thread (between append groups) and waits for
+    /// its result; `f` commits its own transaction.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection, Seq) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.sender()?
+            .send(WriteCmd::Run(Box::new(move |c, head| {
+                let _ = reply.send(f(c, head));
+            })))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?.map_err(unavailable)
     }
 
     fn sender(&self) -> Result<mpsc::Sender<WriteCmd>, StoreError> {
@@ -271,6 +351,7 @@ impl Writer {
                 WriteCmd::Pragmas { reply } => {
                     let _ = reply.send(pragmas(&self.conn));
                 }
+                WriteCmd::Run(f) => f(&mut self.conn, self.head),
             }
         }
         if appends.is_empty() {
@@ -469,6 +550,498 @@ fn read_bounds(c: &Connection) -> rusqlite::Result<Bounds> {
     })
 }
 
+/// Events after `after` (of `channels`, or of every channel), in one read
+/// transaction: the head and the page come from one snapshot.
+fn read_page(
+    c: &Connection,
+    channels: Option<&[String]>,
+    after: Seq,
+    limit: usize,
+) -> rusqlite::Result<Page> {
+    let limit = limit.max(1);
+    c.execute_batch("BEGIN")?;
+    let result = (|| {
+        let head = read_bounds(c)?.head;
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        let filter = match channels {
+            Some(channels) => {
+                args.extend(
+                    channels
+                        .iter()
+                        .map(|ch| rusqlite::types::Value::Text(ch.clone())),
+                );
+                format!(
+                    "channel IN ({}) AND",
+                    vec!["?"; channels.len()].join(",")
+                )
+            }
+            None => String::new(),
+        };
+        let sql = format!(
+            "SELECT seq, channel, type, source, source_id, time_ms, data FROM events
+             WHERE {filter} seq > ? ORDER BY seq LIMIT ?"
+        );
+        let mut stmt = c.prepare_cached(&sql)?;
+        args.push(rusqlite::types::Value::Integer(after));
+        args.push(rusqlite::types::Value::Integer(limit as i64));
+        let events = stmt
+            .query_map(params_from_iter(args), row_to_event)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let scanned_to = if events.len() >= limit {
+            events.last().map(|e| e.seq).unwrap_or(after)
+        } else {
+            head.max(after)
+        };
+        Ok(Page { events, scanned_to })
+    })();
+    c.execute_batch("COMMIT")?;
+    result
+}
+
+// ---- Outbound webhooks ------------------------------------------------------
+// Writes run on the writer thread (`WriteCmd::Run`), each in its own
+// transaction, and reply after the commit; reads use the reader pool.
+
+const ENDPOINT_COLUMNS: &str = "id, url, channels, types, description, enabled, disabled_reason, \
+     rate_limit, secrets, from_seq, failing_since_ms, created_ms, updated_ms";
+
+fn json_column<T: serde::de::DeserializeOwned>(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<T> {
+    let text: String = r.get(i)?;
+    serde_json::from_str(&text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("plain data serializes")
+}
+
+fn row_to_endpoint(r: &rusqlite::Row<'_>) -> rusqlite::Result<Endpoint> {
+    Ok(Endpoint {
+        id: r.get(0)?,
+        url: r.get(1)?,
+        channels: json_column(r, 2)?,
+        types: json_column(r, 3)?,
+        description: r.get(4)?,
+        enabled: r.get(5)?,
+        disabled_reason: r.get(6)?,
+        rate_limit: r.get(7)?,
+        secrets: json_column(r, 8)?,
+        from_seq: r.get(9)?,
+        failing_since_ms: r.get(10)?,
+        created_ms: r.get(11)?,
+        updated_ms: r.get(12)?,
+    })
+}
+
+fn select_endpoint(c: &Connection, id: &str) -> rusqlite::Result<Option<Endpoint>> {
+    c.prepare_cached(&format!(
+        "SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE id = ?1"
+    ))?
+    .query_row(params![id], row_to_endpoint)
+    .optional()
+}
+
+fn insert_endpoint(c: &mut Connection, head: Seq, e: NewEndpoint) -> rusqlite::Result<Endpoint> {
+    let now = now_ms();
+    let endpoint = Endpoint {
+        id: e.id,
+        url: e.url,
+        channels: e.channels,
+        types: e.types,
+        description: e.description,
+        enabled: e.enabled,
+        disabled_reason: None,
+        rate_limit: e.rate_limit,
+        secrets: vec![EndpointSecret {
+            secret: e.secret,
+            expires_ms: None,
+        }],
+        from_seq: head,
+        failing_since_ms: None,
+        created_ms: now,
+        updated_ms: now,
+    };
+    c.execute(
+        &format!(
+            "INSERT INTO endpoints ({ENDPOINT_COLUMNS})
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+        ),
+        params![
+            endpoint.id,
+            endpoint.url,
+            to_json(&endpoint.channels),
+            to_json(&endpoint.types),
+            endpoint.description,
+            endpoint.enabled,
+            endpoint.disabled_reason,
+            endpoint.rate_limit,
+            to_json(&endpoint.secrets),
+            endpoint.from_seq,
+            endpoint.failing_since_ms,
+            endpoint.created_ms,
+            endpoint.updated_ms
+        ],
+    )?;
+    Ok(endpoint)
+}
+
+fn patch_endpoint(
+    c: &mut Connection,
+    id: &str,
+    patch: EndpointPatch,
+) -> rusqlite::Result<Option<Endpoint>> {
+    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let Some(mut e) = select_endpoint(&tx, id)? else {
+        return Ok(None);
+    };
+    let now = now_ms();
+    if let Some(url) = patch.url {
+        e.url = url;
+    }
+    if let Some(channels) = patch.channels {
+        e.channels = channels;
+    }
+    if let Some(types) = patch.types {
+        e.types = types;
+    }
+    if let Some(description) = patch.description {
+        e.description = description;
+    }
+    if let Some(rate_limit) = patch.rate_limit {
+        e.rate_limit = rate_limit;
+    }
+    match patch.enabled {
+        Some(true) => {
+            e.enabled = true;
+            e.disabled_reason = None;
+            e.failing_since_ms = None;
+        }
+        Some(false) if e.enabled => {
+            e.enabled = false;
+            e.disabled_reason = patch.disabled_reason;
+        }
+        _ => {}
+    }
+    if let Some(rotation) = patch.rotate {
+        let previous = e.secrets.first().map(|s| EndpointSecret {
+            secret: s.secret.clone(),
+            expires_ms: Some(rotation.previous_expires_ms),
+        });
+        e.secrets = std::iter::once(EndpointSecret {
+            secret: rotation.secret,
+            expires_ms: None,
+        })
+        .chain(previous.filter(|p| p.expires_ms > Some(now)))
+        .collect();
+    }
+    e.updated_ms = now;
+    tx.execute(
+        "UPDATE endpoints SET url = ?2, channels = ?3, types = ?4, description = ?5, enabled = ?6,
+             disabled_reason = ?7, rate_limit = ?8, secrets = ?9, failing_since_ms = ?10,
+             updated_ms = ?11
+         WHERE id = ?1",
+        params![
+            e.id,
+            e.url,
+            to_json(&e.channels),
+            to_json(&e.types),
+            e.description,
+            e.enabled,
+            e.disabled_reason,
+            e.rate_limit,
+            to_json(&e.secrets),
+            e.failing_since_ms,
+            e.updated_ms
+        ],
+    )?;
+    tx.commit()?;
+    Ok(Some(e))
+}
+
+fn remove_endpoint(c: &mut Connection, id: &str) -> rusqlite::Result<bool> {
+    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let n = tx.execute("DELETE FROM endpoints WHERE id = ?1", params![id])?;
+    tx.execute("DELETE FROM deliveries WHERE endpoint_id = ?1", params![id])?;
+    tx.execute("DELETE FROM attempts WHERE endpoint_id = ?1", params![id])?;
+    tx.commit()?;
+    Ok(n > 0)
+}
+
+fn insert_deliveries(
+    c: &mut Connection,
+    deliveries: &[NewDelivery],
+    advance: Option<OutboxAdvance>,
+) -> rusqlite::Result<bool> {
+    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    if let Some(advance) = advance {
+        if meta_seq(&tx, "outbox_cursor")? != advance.from {
+            return Ok(false);
+        }
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('outbox_cursor', ?1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![advance.to.to_string()],
+        )?;
+    }
+    let now = now_ms();
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO deliveries
+                 (endpoint_id, seq, event_id, msg_id, payload, status, attempts, leased, next_ms, updated_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, 0, 0, 0, ?6, ?7)",
+        )?;
+        for d in deliveries {
+            insert.execute(params![
+                d.endpoint_id,
+                d.seq,
+                d.event_id,
+                d.msg_id,
+                &d.payload[..],
+                d.next_ms,
+                now
+            ])?;
+        }
+    }
+    tx.commit()?;
+    Ok(true)
+}
+
+fn claim(
+    c: &mut Connection,
+    wants: &[ClaimWant],
+    now: i64,
+    lease_until: i64,
+) -> rusqlite::Result<Claimed> {
+    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let mut out = Claimed::default();
+    {
+        let mut endpoint = tx.prepare_cached(
+            "SELECT url, secrets, failing_since_ms FROM endpoints WHERE id = ?1 AND enabled = 1",
+        )?;
+        let mut due = tx.prepare_cached(
+            "SELECT id, seq, event_id, msg_id, payload, attempts FROM deliveries
+             WHERE endpoint_id = ?1 AND status = 0 AND next_ms <= ?2
+             ORDER BY next_ms LIMIT ?3",
+        )?;
+        let mut lease = tx.prepare_cached(
+            "UPDATE deliveries SET attempts = attempts + 1, leased = 1, next_ms = ?2, updated_ms = ?3
+             WHERE id = ?1",
+        )?;
+        let mut next_due = tx.prepare_cached(
+            "SELECT MIN(next_ms) FROM deliveries WHERE endpoint_id = ?1 AND status = 0",
+        )?;
+        for want in wants {
+            let found = endpoint
+                .query_row(params![want.endpoint_id], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        json_column::<Vec<EndpointSecret>>(r, 1)?,
+                        r.get::<_, Option<i64>>(2)?,
+                    ))
+                })
+                .optional()?;
+            let Some((url, secrets, failing_since_ms)) = found else {
+                out.next_due.push((want.endpoint_id.clone(), None));
+                continue;
+            };
+            if want.max > 0 {
+                let rows = due
+                    .query_map(
+                        params![want.endpoint_id, now, want.max as i64],
+                        |r| {
+                            Ok((
+                                r.get::<_, i64>(0)?,
+                                r.get::<_, Seq>(1)?,
+                                r.get::<_, String>(2)?,
+                                r.get::<_, String>(3)?,
+                                r.get::<_, Vec<u8>>(4)?,
+                                r.get::<_, u32>(5)?,
+                            ))
+                        },
+                    )?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                for (id, seq, event_id, msg_id, payload, attempts) in rows {
+                    lease.execute(params![id, lease_until, now])?;
+                    out.deliveries.push(Delivery {
+                        id,
+                        endpoint_id: want.endpoint_id.clone(),
+                        seq,
+                        event_id,
+                        msg_id,
+                        payload: payload.into(),
+                        attempt: attempts + 1,
+                        url: url.clone(),
+                        secrets: secrets.clone(),
+                        failing_since_ms,
+                    });
+                }
+            }
+            let next: Option<i64> = next_due.query_row(params![want.endpoint_id], |r| r.get(0))?;
+            out.next_due.push((want.endpoint_id.clone(), next));
+        }
+    }
+    tx.commit()?;
+    Ok(out)
+}
+
+fn insert_attempt(c: &mut Connection, o: &AttemptOutcome) -> rusqlite::Result<()> {
+    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let exists = tx
+        .query_row(
+            "SELECT 1 FROM deliveries WHERE id = ?1",
+            params![o.delivery_id],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some();
+    if !exists {
+        // The endpoint was deleted while the attempt was in flight.
+        return Ok(());
+    }
+    tx.execute(
+        "INSERT INTO attempts (delivery_id, endpoint_id, event_id, msg_id, attempt, succeeded,
+             response_status, response_body, error, duration_ms, at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        params![
+            o.delivery_id,
+            o.endpoint_id,
+            o.event_id,
+            o.msg_id,
+            o.attempt,
+            o.succeeded,
+            o.response_status,
+            o.response_body,
+            o.error,
+            o.duration_ms,
+            o.at_ms
+        ],
+    )?;
+    let (status, next_ms) = match o.next {
+        NextStep::Succeeded => (SUCCEEDED, o.at_ms),
+        NextStep::RetryAt(at) => (PENDING, at),
+        NextStep::GiveUp => (FAILED, o.at_ms),
+    };
+    // Only the claim that holds the row (same attempt number) moves it on.
+    tx.execute(
+        "UPDATE deliveries SET status = ?3, leased = 0, next_ms = ?4, updated_ms = ?5
+         WHERE id = ?1 AND attempts = ?2 AND status = 0",
+        params![o.delivery_id, o.attempt, status, next_ms, o.at_ms],
+    )?;
+    match &o.health {
+        Health::Succeeded => {
+            tx.execute(
+                "UPDATE endpoints SET failing_since_ms = NULL
+                 WHERE id = ?1 AND failing_since_ms IS NOT NULL",
+                params![o.endpoint_id],
+            )?;
+        }
+        Health::Failed => {
+            tx.execute(
+                "UPDATE endpoints SET failing_since_ms = ?2
+                 WHERE id = ?1 AND failing_since_ms IS NULL",
+                params![o.endpoint_id, o.at_ms],
+            )?;
+        }
+        Health::Disable(reason) => {
+            tx.execute(
+                "UPDATE endpoints SET enabled = 0, disabled_reason = ?2,
+                     failing_since_ms = COALESCE(failing_since_ms, ?3), updated_ms = ?3
+                 WHERE id = ?1 AND enabled = 1",
+                params![o.endpoint_id, reason, o.at_ms],
+            )?;
+        }
+    }
+    tx.commit()
+}
+
+fn select_attempts(
+    c: &Connection,
+    endpoint_id: &str,
+    status: Option<AttemptStatus>,
+    limit: usize,
+) -> rusqlite::Result<Vec<AttemptView>> {
+    let mut out = Vec::new();
+    if matches!(status, None | Some(AttemptStatus::Pending)) {
+        let mut stmt = c.prepare_cached(
+            "SELECT id, event_id, msg_id, attempts, next_ms FROM deliveries
+             WHERE endpoint_id = ?1 AND status = 0 ORDER BY next_ms, id LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![endpoint_id, limit as i64], |r| {
+            let id: i64 = r.get(0)?;
+            Ok(AttemptView {
+                id: format!("del_{id}"),
+                delivery_id: id,
+                event_id: r.get(1)?,
+                msg_id: r.get(2)?,
+                attempt: r.get::<_, u32>(3)? + 1,
+                status: AttemptStatus::Pending,
+                response_status: None,
+                response_body: None,
+                error: None,
+                duration_ms: None,
+                at_ms: r.get(4)?,
+            })
+        })?;
+        for row in rows {
+            out.push(row?);
+        }
+    }
+    let remaining = limit.saturating_sub(out.len());
+    if remaining > 0 && status != Some(AttemptStatus::Pending) {
+        let filter = match status {
+            Some(AttemptStatus::Succeeded) => "AND succeeded = 1",
+            Some(AttemptStatus::Failed) => "AND succeeded = 0",
+            _ => "",
+        };
+        let mut stmt = c.prepare_cached(&format!(
+            "SELECT id, delivery_id, event_id, msg_id, attempt, succeeded, response_status,
+                 response_body, error, duration_ms, at_ms
+             FROM attempts WHERE endpoint_id = ?1 {filter} ORDER BY id DESC LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![endpoint_id, remaining as i64], |r| {
+            Ok(AttemptView {
+                id: format!("att_{}", r.get::<_, i64>(0)?),
+                delivery_id: r.get(1)?,
+                event_id: r.get(2)?,
+                msg_id: r.get(3)?,
+                attempt: r.get(4)?,
+                status: if r.get::<_, bool>(5)? {
+                    AttemptStatus::Succeeded
+                } else {
+                    AttemptStatus::Failed
+                },
+                response_status: r.get(6)?,
+                response_body: r.get(7)?,
+                error: r.get(8)?,
+                duration_ms: r.get(9)?,
+                at_ms: r.get(10)?,
+            })
+        })?;
+        for row in rows {
+            out.push(row?);
+        }
+    }
+    Ok(out)
+}
+
+/// Deletes one chunk of finished deliveries and old attempts.
+fn prune_finished(c: &mut Connection, before_ms: i64) -> rusqlite::Result<u64> {
+    let tx = c.transaction()?;
+    let mut n = tx.execute(
+        "DELETE FROM deliveries WHERE id IN (
+             SELECT id FROM deliveries WHERE status <> 0 AND updated_ms < ?1 LIMIT ?2)",
+        params![before_ms, PRUNE_CHUNK],
+    )?;
+    n += tx.execute(
+        "DELETE FROM attempts WHERE id IN (
+             SELECT id FROM attempts WHERE at_ms < ?1 LIMIT ?2)",
+        params![before_ms, PRUNE_CHUNK],
+    )?;
+    tx.commit()?;
+    Ok(n as u64)
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     fn log_tag(&self) -> &str {
@@ -491,38 +1064,8 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Page, StoreError> {
         let channels = channels.to_vec();
-        let limit = limit.max(1);
-        self.with_reader(move |c| {
-            // One read transaction: the head and the page come from one snapshot.
-            c.execute_batch("BEGIN")?;
-            let result = (|| {
-                let head = read_bounds(c)?.head;
-                let placeholders = vec!["?"; channels.len()].join(",");
-                let sql = format!(
-                    "SELECT seq, channel, type, source, source_id, time_ms, data FROM events
-                     WHERE channel IN ({placeholders}) AND seq > ? ORDER BY seq LIMIT ?"
-                );
-                let mut stmt = c.prepare_cached(&sql)?;
-                let mut args: Vec<rusqlite::types::Value> = channels
-                    .iter()
-                    .map(|ch| rusqlite::types::Value::Text(ch.clone()))
-                    .collect();
-                args.push(rusqlite::types::Value::Integer(after));
-                args.push(rusqlite::types::Value::Integer(limit as i64));
-                let events = stmt
-                    .query_map(params_from_iter(args), row_to_event)?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
-                let scanned_to = if events.len() >= limit {
-                    events.last().map(|e| e.seq).unwrap_or(after)
-                } else {
-                    head.max(after)
-                };
-                Ok(Page { events, scanned_to })
-            })();
-            c.execute_batch("COMMIT")?;
-            result
-        })
-        .await
+        self.with_reader(move |c| read_page(c, Some(&channels), after, limit))
+            .await
     }
 
     async fn bounds(&self) -> Result<Bounds, StoreError> {
@@ -542,6 +1085,98 @@ impl Store for SqliteStore {
         self.sender()?;
         self.with_reader(|c| c.query_row("SELECT 1", [], |_| Ok(())))
             .await
+    }
+
+    async fn read_log(&self, after: Seq, limit: usize) -> Result<Page, StoreError> {
+        self.with_reader(move |c| read_page(c, None, after, limit))
+            .await
+    }
+
+    async fn create_endpoint(&self, endpoint: NewEndpoint) -> Result<Endpoint, StoreError> {
+        self.write(move |c, head| insert_endpoint(c, head, endpoint))
+            .await
+    }
+
+    async fn list_endpoints(&self) -> Result<Vec<Endpoint>, StoreError> {
+        self.with_reader(|c| {
+            c.prepare_cached(&format!(
+                "SELECT {ENDPOINT_COLUMNS} FROM endpoints ORDER BY created_ms, id"
+            ))?
+            .query_map([], row_to_endpoint)?
+            .collect()
+        })
+        .await
+    }
+
+    async fn get_endpoint(&self, id: &str) -> Result<Option<Endpoint>, StoreError> {
+        let id = id.to_string();
+        self.with_reader(move |c| select_endpoint(c, &id)).await
+    }
+
+    async fn update_endpoint(
+        &self,
+        id: &str,
+        patch: EndpointPatch,
+    ) -> Result<Option<Endpoint>, StoreError> {
+        let id = id.to_string();
+        self.write(move |c, _| patch_endpoint(c, &id, patch)).await
+    }
+
+    async fn delete_endpoint(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        self.write(move |c, _| remove_endpoint(c, &id)).await
+    }
+
+    async fn outbox_cursor(&self) -> Result<Seq, StoreError> {
+        self.with_reader(|c| meta_seq(c, "outbox_cursor")).await
+    }
+
+    async fn enqueue_deliveries(
+        &self,
+        deliveries: Vec<NewDelivery>,
+        advance: Option<OutboxAdvance>,
+    ) -> Result<bool, StoreError> {
+        self.write(move |c, _| insert_deliveries(c, &deliveries, advance))
+            .await
+    }
+
+    async fn claim_deliveries(
+        &self,
+        wants: Vec<ClaimWant>,
+        now_ms: i64,
+        lease_until_ms: i64,
+    ) -> Result<Claimed, StoreError> {
+        self.write(move |c, _| claim(c, &wants, now_ms, lease_until_ms))
+            .await
+    }
+
+    async fn record_attempt(&self, outcome: AttemptOutcome) -> Result<(), StoreError> {
+        self.write(move |c, _| insert_attempt(c, &outcome)).await
+    }
+
+    async fn list_attempts(
+        &self,
+        endpoint_id: &str,
+        status: Option<AttemptStatus>,
+        limit: usize,
+    ) -> Result<Vec<AttemptView>, StoreError> {
+        let id = endpoint_id.to_string();
+        self.with_reader(move |c| select_attempts(c, &id, status, limit))
+            .await
+    }
+
+    async fn prune_deliveries(&self, before_ms: i64) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        // Chunk by chunk, so appends are never held up for long.
+        loop {
+            let n = self
+                .write(move |c, _| prune_finished(c, before_ms))
+                .await?;
+            removed += n;
+            if n == 0 {
+                return Ok(removed);
+            }
+        }
     }
 
     async fn close(&self) {

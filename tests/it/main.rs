@@ -3,3 +3,5 @@
 
 mod common;
 mod core;
+mod webhooks;
+mod webhooks_process;
