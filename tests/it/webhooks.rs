@@ -504,7 +504,6 @@ async fn gone_disables_and_retry_after_is_honoured_within_the_schedule() {
 
     let e = wait_endpoint(&s, g["id"].as_str().unwrap(), "410 disables", |e| e["enabled"] == false).await;
     assert!(e["disabled_reason"].as_str().unwrap().contains("410"), "{e}");
-    s.publish("c", "t", json!({})).await;
 
     let got = busy.wait_for(3, T).await;
     let gap1 = got[1].at - got[0].at;
@@ -512,7 +511,9 @@ async fn gone_disables_and_retry_after_is_honoured_within_the_schedule() {
     assert!(gap1 >= Duration::from_millis(1000), "Retry-After: 1 was honoured: {gap1:?}");
     assert!(gap1 < Duration::from_millis(1900), "{gap1:?}");
     assert!(gap2 >= Duration::from_secs(2) && gap2 < Duration::from_secs(3), "Retry-After: 3600 is cut to the longest delay (2s): {gap2:?}");
-    // The second event reached only the endpoint that is still enabled.
+    assert!(got.iter().all(|r| r.id == got[0].id), "one message, three attempts");
+    // A second event reaches only the endpoint that is still enabled.
+    s.publish("c", "t", json!({})).await;
     busy.wait_for(4, T).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(gone.received().len(), 1, "a disabled endpoint gets nothing new");

@@ -36,7 +36,7 @@ impl BinServer {
                 "PUSHGATE_STORE__URL",
                 format!("sqlite://{}/log.db", dir.display()),
             )
-            .env("PUSHGATE_LOG", "warn")
+            .env("PUSHGATE_LOG", "warn,pushgate::deliver=info")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         for (k, v) in env {
