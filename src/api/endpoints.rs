@@ -56,10 +56,9 @@ fn endpoint_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiE
 }
 
 async fn load(app: &AppState, id: &str) -> Result<Endpoint, ApiError> {
-    app.store
-        .get_endpoint(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("endpoint_not_found", format!("no endpoint `{}`", shown(id))))
+    app.store.get_endpoint(id).await?.ok_or_else(|| {
+        ApiError::not_found("endpoint_not_found", format!("no endpoint `{}`", shown(id)))
+    })
 }
 
 fn shown(s: &str) -> String {
@@ -70,7 +69,10 @@ fn shown(s: &str) -> String {
 fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         if e.is_data() {
-            ApiError::bad_request("invalid_endpoint", format!("the body does not have the expected shape: {e}"))
+            ApiError::bad_request(
+                "invalid_endpoint",
+                format!("the body does not have the expected shape: {e}"),
+            )
         } else {
             ApiError::invalid_json(e)
         }
@@ -122,12 +124,14 @@ fn check_channels(channels: &[String]) -> Result<(), ApiError> {
     if channels.is_empty() || channels.len() > MAX_PATTERNS {
         return Err(ApiError::bad_request(
             "invalid_channel",
-            format!("`channels` must list 1-{MAX_PATTERNS} channel names or patterns (`user:*`, `*`)"),
+            format!(
+                "`channels` must list 1-{MAX_PATTERNS} channel names or patterns (`user:*`, `*`)"
+            ),
         ));
     }
     for c in channels {
         let prefix = c.strip_suffix('*').unwrap_or(c);
-        if !(prefix.is_empty() && c == "*") && !valid_channel(prefix) {
+        if c != "*" && !valid_channel(prefix) {
             return Err(ApiError::invalid_channel(c));
         }
     }
@@ -145,7 +149,9 @@ fn check_types(types: &[String]) -> Result<(), ApiError> {
         if t.is_empty() || t.len() > MAX_TYPE_LEN || t.chars().any(char::is_control) {
             return Err(ApiError::bad_request(
                 "invalid_type",
-                format!("each of `types` must be 1-{MAX_TYPE_LEN} bytes without control characters"),
+                format!(
+                    "each of `types` must be 1-{MAX_TYPE_LEN} bytes without control characters"
+                ),
             ));
         }
     }
@@ -330,7 +336,12 @@ pub async fn update(
         .store
         .update_endpoint(&id, patch)
         .await?
-        .ok_or_else(|| ApiError::not_found("endpoint_not_found", format!("no endpoint `{}`", shown(&id))))?;
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "endpoint_not_found",
+                format!("no endpoint `{}`", shown(&id)),
+            )
+        })?;
     app.deliver.endpoints_changed();
     Ok(Json(endpoint_json(&e)))
 }
@@ -418,11 +429,17 @@ pub async fn rotate(
         .store
         .update_endpoint(&id, patch)
         .await?
-        .ok_or_else(|| ApiError::not_found("endpoint_not_found", format!("no endpoint `{}`", shown(&id))))?;
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "endpoint_not_found",
+                format!("no endpoint `{}`", shown(&id)),
+            )
+        })?;
     app.deliver.endpoints_changed();
     let mut v = endpoint_json(&e);
     v["secret"] = json!(secret);
-    v["previous_secret_expires_at"] = json!((e.secrets.len() > 1).then(|| rfc3339(previous_expires_ms)));
+    v["previous_secret_expires_at"] =
+        json!((e.secrets.len() > 1).then(|| rfc3339(previous_expires_ms)));
     Ok(Json(v))
 }
 
@@ -456,7 +473,9 @@ pub async fn attempts(
             .parse::<usize>()
             .ok()
             .filter(|n| *n > 0)
-            .ok_or_else(|| ApiError::bad_request("invalid_limit", "limit must be a positive integer"))?
+            .ok_or_else(|| {
+                ApiError::bad_request("invalid_limit", "limit must be a positive integer")
+            })?
             .min(MAX_ATTEMPTS),
     };
     let status = match query_value(&pairs, "status") {
@@ -502,7 +521,10 @@ pub async fn replay(
             "endpoint_disabled",
             format!(
                 "the endpoint is disabled ({}); enable it first with PATCH {{\"enabled\":true}}",
-                endpoint.disabled_reason.as_deref().unwrap_or("no reason recorded")
+                endpoint
+                    .disabled_reason
+                    .as_deref()
+                    .unwrap_or("no reason recorded")
             ),
         ));
     }

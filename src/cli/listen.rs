@@ -299,7 +299,8 @@ mod tests {
     fn parses_events_split_across_chunks() {
         let mut p = SseParser::default();
         assert!(p.feed(b"retry: 2000\n: pushgate\n\nid: 1-a\nda").is_empty());
-        let evs = p.feed(b"ta: {\"x\":1}\n\nevent: pushgate.reset\nid: 0-a\ndata: {}\n\n: ping\n\n");
+        let evs =
+            p.feed(b"ta: {\"x\":1}\n\nevent: pushgate.reset\nid: 0-a\ndata: {}\n\n: ping\n\n");
         assert_eq!(
             evs,
             vec![

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::auth::Pattern;
@@ -47,6 +47,8 @@ pub const RESPONSE_BODY_KEPT: usize = 4096;
 /// How long in-flight attempts may finish at shutdown before they are cut
 /// (their rows are leased and come back on the next start).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// Attempts recorded in one transaction at most.
+const RECORD_BATCH: usize = 256;
 /// Claims in a row before the scheduler waits again (a bound, not a tuning knob).
 const MAX_CLAIM_ROUNDS: usize = 64;
 /// Added to the request timeouts to make a lease: a lease must outlive its attempt.
@@ -139,7 +141,8 @@ impl Deliverer {
             .timeout(d.timeout.0)
             .connect_timeout(d.connect_timeout.0)
             .user_agent(concat!("pushgate-webhooks/", env!("CARGO_PKG_VERSION")))
-            .pool_max_idle_per_host(d.per_endpoint.max(1))
+            // Endpoints often share a host (one receiver, many paths).
+            .pool_max_idle_per_host(d.workers.max(1))
             .build()?;
         Ok(Deliverer {
             log_tag: store.log_tag().to_string(),
@@ -269,7 +272,13 @@ impl Deliverer {
         Ok(Some(page.scanned_to))
     }
 
-    fn new_delivery(&self, event: &Event, endpoint_id: &str, payload: Bytes, due: i64) -> NewDelivery {
+    fn new_delivery(
+        &self,
+        event: &Event,
+        endpoint_id: &str,
+        payload: Bytes,
+        due: i64,
+    ) -> NewDelivery {
         NewDelivery {
             endpoint_id: endpoint_id.to_string(),
             seq: event.seq,
@@ -339,6 +348,8 @@ impl Deliverer {
         let mut stop = self.stop.subscribe();
         let mut sched = Scheduler::new(cfg.workers.max(1), cfg.per_endpoint.max(1));
         let mut tasks: JoinSet<(String, Option<i64>)> = JoinSet::new();
+        let (recorder, recordings) = mpsc::channel(RECORD_BATCH);
+        let recording = tokio::spawn(record(self.store.clone(), recordings));
         let mut refresh_at = Instant::now();
         loop {
             if *stop.borrow() {
@@ -381,9 +392,10 @@ impl Deliverer {
                 for d in claimed.deliveries {
                     sched.started(&d.endpoint_id);
                     let this = self.clone();
+                    let recorder = recorder.clone();
                     tasks.spawn(async move {
                         let id = d.endpoint_id.clone();
-                        (id, this.attempt(d).await)
+                        (id, this.attempt(d, recorder).await)
                     });
                 }
                 rounds += 1;
@@ -420,11 +432,14 @@ impl Deliverer {
         })
         .await;
         tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        drop(recorder);
+        let _ = recording.await;
     }
 
     /// One attempt: send, then record it with its consequences. Returns the
     /// time of the next attempt, if one was scheduled.
-    async fn attempt(&self, d: Delivery) -> Option<i64> {
+    async fn attempt(&self, d: Delivery, recorder: mpsc::Sender<Recording>) -> Option<i64> {
         let started = Instant::now();
         let at_ms = now_ms();
         let response = self.send(&d).await;
@@ -453,17 +468,9 @@ impl Deliverer {
             next,
             health,
         };
-        // The store may be briefly unavailable; if it stays so, the lease
-        // ends and the delivery is attempted again (at least once).
-        for backoff in [100u64, 500, 2000] {
-            match self.store.record_attempt(outcome.clone()).await {
-                Ok(()) => break,
-                Err(StoreError::Closed) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot record a webhook attempt; retrying");
-                    tokio::time::sleep(Duration::from_millis(backoff)).await;
-                }
-            }
+        let (done, recorded) = oneshot::channel();
+        if recorder.send((outcome, done)).await.is_ok() {
+            let _ = recorded.await;
         }
         match next {
             NextStep::RetryAt(at) => Some(at),
@@ -606,6 +613,35 @@ impl Response {
     }
 }
 
+/// An attempt's outcome on its way to the store, and who waits for it.
+type Recording = (AttemptOutcome, oneshot::Sender<()>);
+
+/// Records attempts in batches (group commit: one sync for all the attempts
+/// that finished meanwhile). The store may be briefly unavailable; if it
+/// stays so, the batch is dropped, the leases end and the deliveries are
+/// attempted again (at least once).
+async fn record(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Recording>) {
+    let mut batch: Vec<Recording> = Vec::with_capacity(RECORD_BATCH);
+    while rx.recv_many(&mut batch, RECORD_BATCH).await > 0 {
+        let outcomes: Vec<AttemptOutcome> = batch.iter().map(|(o, _)| o.clone()).collect();
+        for backoff in [100u64, 500, 2000, 0] {
+            match store.record_attempts(outcomes.clone()).await {
+                Ok(()) | Err(StoreError::Closed) => break,
+                Err(e) if backoff > 0 => {
+                    tracing::warn!(error = %e, "cannot record webhook attempts; retrying");
+                    tokio::time::sleep(Duration::from_millis(backoff)).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "webhook attempts not recorded; their leases will expire")
+                }
+            }
+        }
+        for (_, done) in batch.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
+
 /// A network error, with the reason a person needs first.
 fn describe(e: &reqwest::Error, config: &Config) -> String {
     if let Some(refusal) = ssrf::find_refusal(e) {
@@ -718,7 +754,8 @@ impl Scheduler {
     }
 
     fn set_next_due(&mut self, id: &str, due: Option<i64>) {
-        self.next_due.insert(id.to_string(), due.unwrap_or(i64::MAX));
+        self.next_due
+            .insert(id.to_string(), due.unwrap_or(i64::MAX));
     }
 
     fn started(&mut self, id: &str) {
@@ -778,7 +815,10 @@ impl Scheduler {
             budget -= max;
             // Asked now; the claim reports its real next due time.
             self.next_due.insert(id.clone(), i64::MAX);
-            wants.push(ClaimWant { endpoint_id: id, max });
+            wants.push(ClaimWant {
+                endpoint_id: id,
+                max,
+            });
         }
         if n > 0 {
             self.rotate = (self.rotate + visited) % n;
@@ -856,7 +896,11 @@ mod tests {
     #[test]
     fn scarce_workers_rotate_over_endpoints() {
         let mut s = Scheduler::new(1, 4);
-        s.set_endpoints(&[endpoint("a", None), endpoint("b", None), endpoint("c", None)]);
+        s.set_endpoints(&[
+            endpoint("a", None),
+            endpoint("b", None),
+            endpoint("c", None),
+        ]);
         let mut firsts = Vec::new();
         for _ in 0..3 {
             let w = s.wants(0, 0);
@@ -903,8 +947,14 @@ mod tests {
         };
         assert!(m.wants(&ev(11, "billing:cus_1", "invoice.paid")));
         assert!(m.wants(&ev(11, "orders", "invoice.created")));
-        assert!(!m.wants(&ev(10, "orders", "invoice.created")), "before the endpoint existed");
-        assert!(m.matches(&ev(10, "orders", "invoice.created")), "replay ignores from_seq");
+        assert!(
+            !m.wants(&ev(10, "orders", "invoice.created")),
+            "before the endpoint existed"
+        );
+        assert!(
+            m.matches(&ev(10, "orders", "invoice.created")),
+            "replay ignores from_seq"
+        );
         assert!(!m.wants(&ev(11, "orders", "charge.succeeded")));
         assert!(!m.wants(&ev(11, "billing", "invoice.paid")));
         e.types.clear();
@@ -914,7 +964,10 @@ mod tests {
     #[test]
     fn retry_after_forms() {
         assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after("soon"), None);
         assert_eq!(message_id(42, "ep_abc"), "msg_42_abc");
     }

@@ -159,15 +159,7 @@ mod tests {
         let [_, (_, ts), (_, sig)] = headers(&[other.clone(), key.clone()], "msg_1", 1000, body);
         assert_eq!(sig.split(' ').count(), 2, "one signature per key");
         let check = |keys: &[Vec<u8>], body: &[u8], now| {
-            verify(
-                keys,
-                Some("msg_1"),
-                Some(&ts),
-                Some(&sig),
-                body,
-                now,
-                300,
-            )
+            verify(keys, Some("msg_1"), Some(&ts), Some(&sig), body, now, 300)
         };
         assert_eq!(check(std::slice::from_ref(&key), body, 1000), Ok(()));
         assert_eq!(check(std::slice::from_ref(&other), body, 1100), Ok(()));
@@ -198,7 +190,15 @@ mod tests {
             Err(SignError::BadTimestamp)
         );
         assert_eq!(
-            verify(&keys, Some("m"), Some("1"), Some("v2,abc v1,@@"), b"", 1, 300),
+            verify(
+                &keys,
+                Some("m"),
+                Some("1"),
+                Some("v2,abc v1,@@"),
+                b"",
+                1,
+                300
+            ),
             Err(SignError::NoMatch)
         );
     }

@@ -113,11 +113,19 @@ fn classify_v4(ip: Ipv4Addr) -> Option<&'static str> {
     const RANGES: &[([u8; 4], u8, &str)] = &[
         ([0, 0, 0, 0], 8, "\"this network\" (0.0.0.0/8)"),
         ([10, 0, 0, 0], 8, "private (10.0.0.0/8)"),
-        ([100, 64, 0, 0], 10, "shared/carrier-grade NAT (100.64.0.0/10)"),
+        (
+            [100, 64, 0, 0],
+            10,
+            "shared/carrier-grade NAT (100.64.0.0/10)",
+        ),
         ([127, 0, 0, 0], 8, "loopback (127.0.0.0/8)"),
         ([169, 254, 0, 0], 16, "link-local (169.254.0.0/16)"),
         ([172, 16, 0, 0], 12, "private (172.16.0.0/12)"),
-        ([192, 0, 0, 0], 24, "IETF protocol assignment (192.0.0.0/24)"),
+        (
+            [192, 0, 0, 0],
+            24,
+            "IETF protocol assignment (192.0.0.0/24)",
+        ),
         ([192, 0, 2, 0], 24, "documentation (192.0.2.0/24)"),
         ([192, 88, 99, 0], 24, "6to4 relay anycast (192.88.99.0/24)"),
         ([192, 168, 0, 0], 16, "private (192.168.0.0/16)"),
@@ -161,12 +169,7 @@ fn classify_v6(ip: Ipv6Addr) -> Option<&'static str> {
     }
     if s[0] == 0x2002 {
         // 6to4 embeds an IPv4 address in bits 16..48.
-        let v4 = Ipv4Addr::new(
-            (s[1] >> 8) as u8,
-            s[1] as u8,
-            (s[2] >> 8) as u8,
-            s[2] as u8,
-        );
+        let v4 = Ipv4Addr::new((s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8);
         if classify_v4(v4).is_some() {
             return Some("6to4 (2002::/16) around a refused IPv4 address");
         }
@@ -204,7 +207,10 @@ impl GuardedResolver {
         }
     }
 
-    async fn lookup(&self, host: &str) -> Result<Vec<SocketAddr>, Box<dyn std::error::Error + Send + Sync>> {
+    async fn lookup(
+        &self,
+        host: &str,
+    ) -> Result<Vec<SocketAddr>, Box<dyn std::error::Error + Send + Sync>> {
         let resolver = self
             .resolver
             .get_or_try_init(|| async {
@@ -323,10 +329,7 @@ mod tests {
             "ff0e::1",
         ] {
             let err = p.check(ip(addr)).expect_err(addr);
-            assert!(
-                err.to_string().contains("may not target"),
-                "{addr}: {err}"
-            );
+            assert!(err.to_string().contains("may not target"), "{addr}: {err}");
         }
     }
 
@@ -355,9 +358,16 @@ mod tests {
     fn allow_targets_and_allow_private_lift_the_guard() {
         let p = policy(false, &["127.0.0.2/32", "fd00::/8"]);
         assert_eq!(p.check(ip("127.0.0.2")), Ok(()));
-        assert_eq!(p.check(ip("::ffff:127.0.0.2")), Ok(()), "mapped form of an allowed address");
+        assert_eq!(
+            p.check(ip("::ffff:127.0.0.2")),
+            Ok(()),
+            "mapped form of an allowed address"
+        );
         assert_eq!(p.check(ip("fd00::5")), Ok(()));
-        assert!(p.check(ip("127.0.0.1")).is_err(), "positive control: the neighbour is refused");
+        assert!(
+            p.check(ip("127.0.0.1")).is_err(),
+            "positive control: the neighbour is refused"
+        );
         assert!(p.check(ip("fc00::1")).is_err());
         let open = policy(true, &[]);
         for addr in ["127.0.0.1", "10.0.0.1", "::1", "fe80::1", "::ffff:10.0.0.1"] {

@@ -179,9 +179,11 @@ pub trait Store: Send + Sync + 'static {
         lease_until_ms: i64,
     ) -> Result<Claimed, StoreError>;
 
-    /// Records an attempt and applies its `next` step (only if the delivery
-    /// is still pending at this attempt) and its `health` to the endpoint.
-    async fn record_attempt(&self, outcome: AttemptOutcome) -> Result<(), StoreError>;
+    /// Records attempts, in one transaction: each with its `next` step
+    /// (applied only if the delivery is still pending at that attempt, i.e.
+    /// the lease was not lost) and its `health` applied to the endpoint.
+    /// Attempts of deleted deliveries are skipped.
+    async fn record_attempts(&self, outcomes: Vec<AttemptOutcome>) -> Result<(), StoreError>;
 
     /// The endpoint's pending deliveries (as `Pending` rows, soonest first),
     /// then its attempts, newest first; at most `limit` rows in all.

@@ -122,8 +122,10 @@ enum WriteCmd {
     },
     /// Any other write, run on the writer's connection with the current head
     /// (outbound webhooks); it replies through its own channel.
-    Run(Box<dyn FnOnce(&mut Connection, Seq) + Send>),
+    Run(WriterJob),
 }
+
+type WriterJob = Box<dyn FnOnce(&mut Connection, Seq) + Send>;
 
 pub struct SqliteStore {
     tag: String,
@@ -207,7 +209,9 @@ impl SqliteStore {
             })))
             .await
             .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?.map_err(unavailable)
+        rx.await
+            .map_err(|_| StoreError::Closed)?
+            .map_err(unavailable)
     }
 
     fn sender(&self) -> Result<mpsc::Sender<WriteCmd>, StoreError> {
@@ -570,10 +574,7 @@ fn read_page(
                         .iter()
                         .map(|ch| rusqlite::types::Value::Text(ch.clone())),
                 );
-                format!(
-                    "channel IN ({}) AND",
-                    vec!["?"; channels.len()].join(",")
-                )
+                format!("channel IN ({}) AND", vec!["?"; channels.len()].join(","))
             }
             None => String::new(),
         };
@@ -605,7 +606,10 @@ fn read_page(
 const ENDPOINT_COLUMNS: &str = "id, url, channels, types, description, enabled, disabled_reason, \
      rate_limit, secrets, from_seq, failing_since_ms, created_ms, updated_ms";
 
-fn json_column<T: serde::de::DeserializeOwned>(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<T> {
+fn json_column<T: serde::de::DeserializeOwned>(
+    r: &rusqlite::Row<'_>,
+    i: usize,
+) -> rusqlite::Result<T> {
     let text: String = r.get(i)?;
     serde_json::from_str(&text).map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
@@ -847,19 +851,16 @@ fn claim(
             };
             if want.max > 0 {
                 let rows = due
-                    .query_map(
-                        params![want.endpoint_id, now, want.max as i64],
-                        |r| {
-                            Ok((
-                                r.get::<_, i64>(0)?,
-                                r.get::<_, Seq>(1)?,
-                                r.get::<_, String>(2)?,
-                                r.get::<_, String>(3)?,
-                                r.get::<_, Vec<u8>>(4)?,
-                                r.get::<_, u32>(5)?,
-                            ))
-                        },
-                    )?
+                    .query_map(params![want.endpoint_id, now, want.max as i64], |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, Seq>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, String>(3)?,
+                            r.get::<_, Vec<u8>>(4)?,
+                            r.get::<_, u32>(5)?,
+                        ))
+                    })?
                     .collect::<rusqlite::Result<Vec<_>>>()?;
                 for (id, seq, event_id, msg_id, payload, attempts) in rows {
                     lease.execute(params![id, lease_until, now])?;
@@ -885,8 +886,16 @@ fn claim(
     Ok(out)
 }
 
-fn insert_attempt(c: &mut Connection, o: &AttemptOutcome) -> rusqlite::Result<()> {
+/// Records a batch of attempts in one transaction (one sync for many).
+fn insert_attempts(c: &mut Connection, outcomes: &[AttemptOutcome]) -> rusqlite::Result<()> {
     let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    for o in outcomes {
+        insert_attempt(&tx, o)?;
+    }
+    tx.commit()
+}
+
+fn insert_attempt(tx: &Connection, o: &AttemptOutcome) -> rusqlite::Result<()> {
     let exists = tx
         .query_row(
             "SELECT 1 FROM deliveries WHERE id = ?1",
@@ -899,24 +908,24 @@ fn insert_attempt(c: &mut Connection, o: &AttemptOutcome) -> rusqlite::Result<()
         // The endpoint was deleted while the attempt was in flight.
         return Ok(());
     }
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO attempts (delivery_id, endpoint_id, event_id, msg_id, attempt, succeeded,
              response_status, response_body, error, duration_ms, at_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-        params![
-            o.delivery_id,
-            o.endpoint_id,
-            o.event_id,
-            o.msg_id,
-            o.attempt,
-            o.succeeded,
-            o.response_status,
-            o.response_body,
-            o.error,
-            o.duration_ms,
-            o.at_ms
-        ],
-    )?;
+    )?
+    .execute(params![
+        o.delivery_id,
+        o.endpoint_id,
+        o.event_id,
+        o.msg_id,
+        o.attempt,
+        o.succeeded,
+        o.response_status,
+        o.response_body,
+        o.error,
+        o.duration_ms,
+        o.at_ms
+    ])?;
     let (status, next_ms) = match o.next {
         NextStep::Succeeded => (SUCCEEDED, o.at_ms),
         NextStep::RetryAt(at) => (PENDING, at),
@@ -952,7 +961,7 @@ fn insert_attempt(c: &mut Connection, o: &AttemptOutcome) -> rusqlite::Result<()
             )?;
         }
     }
-    tx.commit()
+    Ok(())
 }
 
 fn select_attempts(
@@ -1150,8 +1159,8 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn record_attempt(&self, outcome: AttemptOutcome) -> Result<(), StoreError> {
-        self.write(move |c, _| insert_attempt(c, &outcome)).await
+    async fn record_attempts(&self, outcomes: Vec<AttemptOutcome>) -> Result<(), StoreError> {
+        self.write(move |c, _| insert_attempts(c, &outcomes)).await
     }
 
     async fn list_attempts(
@@ -1169,9 +1178,7 @@ impl Store for SqliteStore {
         let mut removed = 0;
         // Chunk by chunk, so appends are never held up for long.
         loop {
-            let n = self
-                .write(move |c, _| prune_finished(c, before_ms))
-                .await?;
+            let n = self.write(move |c, _| prune_finished(c, before_ms)).await?;
             removed += n;
             if n == 0 {
                 return Ok(removed);
@@ -1328,5 +1335,226 @@ mod tests {
             assert_eq!(mode, "wal");
             assert_eq!(sync, 2, "synchronous=FULL");
         }
+    }
+    fn delivery(endpoint: &str, seq: Seq, due: i64) -> NewDelivery {
+        NewDelivery {
+            endpoint_id: endpoint.into(),
+            seq,
+            event_id: format!("{seq}-t"),
+            msg_id: format!("msg_{seq}"),
+            payload: bytes::Bytes::from_static(b"{}"),
+            next_ms: due,
+        }
+    }
+
+    fn outcome(d: &Delivery, next: NextStep, health: Health) -> AttemptOutcome {
+        AttemptOutcome {
+            delivery_id: d.id,
+            endpoint_id: d.endpoint_id.clone(),
+            event_id: d.event_id.clone(),
+            msg_id: d.msg_id.clone(),
+            attempt: d.attempt,
+            succeeded: next == NextStep::Succeeded,
+            response_status: Some(500),
+            response_body: None,
+            error: None,
+            duration_ms: 1,
+            at_ms: now_ms(),
+            next,
+            health,
+        }
+    }
+
+    #[tokio::test]
+    async fn outbox_cursor_claims_leases_and_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.db");
+        let path = path.to_str().unwrap();
+        let (store, _feed) = SqliteStore::open(path, "full").unwrap();
+        store.append(vec![msg("a", None)]).await.unwrap();
+        let ep = store
+            .create_endpoint(NewEndpoint {
+                id: "ep_1".into(),
+                url: "http://example.com/".into(),
+                channels: vec!["a".into()],
+                types: vec![],
+                description: String::new(),
+                enabled: true,
+                rate_limit: None,
+                secret: "whsec_x".into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(ep.from_seq, 1, "an endpoint starts at the head");
+
+        // The cursor moves only from where it is, together with its rows.
+        assert_eq!(store.outbox_cursor().await.unwrap(), 0);
+        let adv = |from, to| Some(OutboxAdvance { from, to });
+        assert!(
+            !store
+                .enqueue_deliveries(vec![delivery("ep_1", 1, 0)], adv(5, 6))
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .list_attempts("ep_1", None, 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "a refused advance writes nothing"
+        );
+        assert!(
+            store
+                .enqueue_deliveries(
+                    vec![delivery("ep_1", 1, 0), delivery("ep_1", 2, 0)],
+                    adv(0, 2)
+                )
+                .await
+                .unwrap()
+        );
+        assert_eq!(store.outbox_cursor().await.unwrap(), 2);
+
+        let want = || {
+            vec![ClaimWant {
+                endpoint_id: "ep_1".into(),
+                max: 1,
+            }]
+        };
+        let now = now_ms();
+        let c = store
+            .claim_deliveries(want(), now, now + 60_000)
+            .await
+            .unwrap();
+        assert_eq!(c.deliveries.len(), 1);
+        let first = c.deliveries[0].clone();
+        assert_eq!(
+            (first.seq, first.attempt, first.url.as_str()),
+            (1, 1, "http://example.com/")
+        );
+        assert_eq!(
+            c.next_due,
+            vec![("ep_1".to_string(), Some(0))],
+            "the second row is due"
+        );
+        let c = store
+            .claim_deliveries(want(), now, now + 60_000)
+            .await
+            .unwrap();
+        assert_eq!(c.deliveries[0].seq, 2, "a leased row is not claimed twice");
+        assert_eq!(
+            c.next_due[0].1,
+            Some(now + 60_000),
+            "next due: the lease's end"
+        );
+        assert!(
+            store
+                .claim_deliveries(want(), now, now + 60_000)
+                .await
+                .unwrap()
+                .deliveries
+                .is_empty()
+        );
+
+        // The first fails and is rescheduled; the endpoint starts failing.
+        store
+            .record_attempts(vec![outcome(
+                &first,
+                NextStep::RetryAt(now - 1),
+                Health::Failed,
+            )])
+            .await
+            .unwrap();
+        let e = store.get_endpoint("ep_1").await.unwrap().unwrap();
+        assert!(e.failing_since_ms.is_some());
+        let again = store
+            .claim_deliveries(want(), now, now + 60_000)
+            .await
+            .unwrap()
+            .deliveries;
+        assert_eq!((again[0].seq, again[0].attempt), (1, 2));
+        // A result from the lost first lease changes nothing; the holder's does.
+        store
+            .record_attempts(vec![outcome(&first, NextStep::GiveUp, Health::Failed)])
+            .await
+            .unwrap();
+        let pending = store
+            .list_attempts("ep_1", Some(AttemptStatus::Pending), 10)
+            .await
+            .unwrap();
+        assert_eq!(pending.len(), 2, "{pending:?}");
+        store
+            .record_attempts(vec![outcome(
+                &again[0],
+                NextStep::Succeeded,
+                Health::Succeeded,
+            )])
+            .await
+            .unwrap();
+        let e = store.get_endpoint("ep_1").await.unwrap().unwrap();
+        assert_eq!(e.failing_since_ms, None, "a success clears the failure");
+        let all = store.list_attempts("ep_1", None, 10).await.unwrap();
+        let shape: Vec<(&str, u32)> = all.iter().map(|a| (a.status.as_str(), a.attempt)).collect();
+        assert_eq!(
+            shape,
+            [
+                ("pending", 2),
+                ("succeeded", 2),
+                ("failed", 1),
+                ("failed", 1)
+            ]
+        );
+
+        // Leases held when the process died are released at the next open.
+        store.close().await;
+        let (store, _feed) = SqliteStore::open(path, "full").unwrap();
+        let c = store
+            .claim_deliveries(want(), now_ms(), now_ms() + 60_000)
+            .await
+            .unwrap();
+        assert_eq!((c.deliveries[0].seq, c.deliveries[0].attempt), (2, 2));
+
+        // Disabling stops claims; deleting removes everything.
+        let e = store
+            .update_endpoint(
+                "ep_1",
+                EndpointPatch {
+                    enabled: Some(false),
+                    disabled_reason: Some("why".into()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (e.enabled, e.disabled_reason.as_deref()),
+            (false, Some("why"))
+        );
+        store
+            .enqueue_deliveries(vec![delivery("ep_1", 3, 0)], None)
+            .await
+            .unwrap();
+        assert!(
+            store
+                .claim_deliveries(want(), now_ms(), now_ms() + 1)
+                .await
+                .unwrap()
+                .deliveries
+                .is_empty()
+        );
+        assert!(
+            store.prune_deliveries(now_ms() + 1).await.unwrap() >= 3,
+            "finished rows and attempts go"
+        );
+        assert!(store.delete_endpoint("ep_1").await.unwrap());
+        assert!(!store.delete_endpoint("ep_1").await.unwrap());
+        assert!(
+            store
+                .list_attempts("ep_1", None, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 }

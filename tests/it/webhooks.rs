@@ -74,9 +74,7 @@ impl Receiver {
             log: log.clone(),
             behaviour: Arc::new(behaviour),
         };
-        let app = axum::Router::new()
-            .fallback(receive)
-            .with_state(state);
+        let app = axum::Router::new().fallback(receive).with_state(state);
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -273,7 +271,12 @@ async fn wait_attempts(
     }
 }
 
-async fn wait_endpoint(s: &TestServer, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+async fn wait_endpoint(
+    s: &TestServer,
+    id: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
     let start = Instant::now();
     loop {
         let e = get_json(s, &format!("/v1/endpoints/{id}")).await;
@@ -291,7 +294,10 @@ async fn error_of(r: reqwest::Response) -> (u16, String, String) {
     (
         status,
         v["error"]["code"].as_str().unwrap_or_default().to_string(),
-        v["error"]["message"].as_str().unwrap_or_default().to_string(),
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
     )
 }
 
@@ -316,7 +322,10 @@ async fn deliveries_are_signed_envelopes_that_verify_with_the_official_library()
 
     let mut expected = Vec::new();
     for i in 0..5 {
-        expected.push(s.publish(&format!("orders:{i}"), "order.created", json!({"n": i})).await);
+        expected.push(
+            s.publish(&format!("orders:{i}"), "order.created", json!({"n": i}))
+                .await,
+        );
     }
     expected.push(s.publish("billing", "order.paid", json!({"n": 5})).await);
     // Not matching: other channel, other type.
@@ -333,7 +342,11 @@ async fn deliveries_are_signed_envelopes_that_verify_with_the_official_library()
     })
     .await;
     let got_after = rx.received();
-    assert_eq!(got_after.len(), got.len(), "nothing unexpected arrived: {got_after:?}");
+    assert_eq!(
+        got_after.len(),
+        got.len(),
+        "nothing unexpected arrived: {got_after:?}"
+    );
     let mut ids: Vec<String> = got
         .iter()
         .map(|r| r.json()["id"].as_str().unwrap().to_string())
@@ -352,25 +365,54 @@ async fn deliveries_are_signed_envelopes_that_verify_with_the_official_library()
                 id.trim_start_matches("ep_")
             )
         );
-        assert!(env["channel"].is_string() && env["time"].is_string() && env["source"] == "publish");
+        assert!(
+            env["channel"].is_string() && env["time"].is_string() && env["source"] == "publish"
+        );
     }
     // Bytes on the wire are the envelope SSE carries.
     let first = &got[0];
     let cursor = first.json()["id"].as_str().unwrap().to_string();
-    let page = get_json(&s, &format!("/v1/events?channel={}&after=earliest&limit=1000", first.json()["channel"].as_str().unwrap())).await;
-    let same = page["events"].as_array().unwrap().iter().find(|e| e["id"] == cursor).unwrap();
+    let page = get_json(
+        &s,
+        &format!(
+            "/v1/events?channel={}&after=earliest&limit=1000",
+            first.json()["channel"].as_str().unwrap()
+        ),
+    )
+    .await;
+    let same = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == cursor)
+        .unwrap();
     assert_eq!(&first.json(), same);
 
     verify_all(secret, &got);
     // A tampered body or another secret does not verify (positive control above).
     let mut tampered = got[0].clone();
-    tampered.body = Bytes::from(tampered.body.to_vec().into_iter().chain(*b" ").collect::<Vec<u8>>());
+    tampered.body = Bytes::from(
+        tampered
+            .body
+            .to_vec()
+            .into_iter()
+            .chain(*b" ")
+            .collect::<Vec<u8>>(),
+    );
     let r = standardwebhooks_verify(secret, &[tampered.clone()]);
     assert_ne!(r[0], "ok");
     let other = sign::generate_secret();
     assert_ne!(standardwebhooks_verify(&other, &got[..1])[0], "ok");
 
-    let metrics = s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = s
+        .client
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(
         metrics.contains("pushgate_webhook_attempts_total{result=\"succeeded\"} 7"),
         "{metrics}"
@@ -397,12 +439,18 @@ async fn retries_follow_the_schedule_with_one_webhook_id() {
     let cursor = s.publish("jobs", "job.done", json!({"j": 1})).await;
 
     let got = rx.wait_for(3, T).await;
-    assert!(got.iter().all(|r| r.id == got[0].id), "one webhook-id across attempts");
+    assert!(
+        got.iter().all(|r| r.id == got[0].id),
+        "one webhook-id across attempts"
+    );
     let gap1 = got[1].at - got[0].at;
     let gap2 = got[2].at - got[1].at;
     assert!(gap1 >= Duration::from_millis(200), "{gap1:?}");
     assert!(gap2 >= Duration::from_millis(400), "{gap2:?}");
-    assert!(gap1 < Duration::from_secs(2) && gap2 < Duration::from_secs(2), "{gap1:?} {gap2:?}");
+    assert!(
+        gap1 < Duration::from_secs(2) && gap2 < Duration::from_secs(2),
+        "{gap1:?} {gap2:?}"
+    );
     verify_all(ep["secret"].as_str().unwrap(), &got);
 
     let a = wait_attempts(&s, id, "three attempts", |a| a.len() == 3).await;
@@ -416,7 +464,14 @@ async fn retries_follow_the_schedule_with_one_webhook_id() {
             )
         })
         .collect();
-    assert_eq!(summary, [(3, "succeeded", 200), (2, "failed", 500), (1, "failed", 500)]);
+    assert_eq!(
+        summary,
+        [
+            (3, "succeeded", 200),
+            (2, "failed", 500),
+            (1, "failed", 500)
+        ]
+    );
     for x in &a {
         assert_eq!(x["event_id"], cursor.as_str());
         assert_eq!(x["webhook_id"], got[0].id.as_str());
@@ -455,14 +510,33 @@ async fn an_exhausted_message_is_failed_and_replay_delivers_it_again() {
     assert_eq!(a[0]["attempt"], 2);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(rx.received().len(), 2, "no third attempt past the schedule");
-    assert!(rx.received().iter().all(|r| r.json()["id"] == cursor.as_str()), "the endpoint gets nothing from before it existed");
+    assert!(
+        rx.received()
+            .iter()
+            .all(|r| r.json()["id"] == cursor.as_str()),
+        "the endpoint gets nothing from before it existed"
+    );
 
     healthy.store(true, std::sync::atomic::Ordering::SeqCst);
-    for bad in [json!({"since": "nope"}), json!({"since": "5-zzzzzz"}), json!({}), json!({"since": before, "x": 1})] {
-        let r = s.client.post(s.url(&format!("/v1/endpoints/{id}/replay"))).json(&bad).send().await.unwrap();
+    for bad in [
+        json!({"since": "nope"}),
+        json!({"since": "5-zzzzzz"}),
+        json!({}),
+        json!({"since": before, "x": 1}),
+    ] {
+        let r = s
+            .client
+            .post(s.url(&format!("/v1/endpoints/{id}/replay")))
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
         let (status, code, _) = error_of(r).await;
         assert_eq!(status, 400, "{bad}");
-        assert!(code == "invalid_cursor" || code == "invalid_endpoint", "{code}");
+        assert!(
+            code == "invalid_cursor" || code == "invalid_endpoint",
+            "{code}"
+        );
     }
     let r = s
         .client
@@ -474,12 +548,25 @@ async fn an_exhausted_message_is_failed_and_replay_delivers_it_again() {
     assert_eq!(r.status(), 202);
     assert_eq!(r.json::<Value>().await.unwrap(), json!({"queued": 1}));
     let got = rx.wait_for(3, T).await;
-    assert_eq!(got[2].id, got[0].id, "a replay keeps the message's webhook-id");
+    assert_eq!(
+        got[2].id, got[0].id,
+        "a replay keeps the message's webhook-id"
+    );
     assert_eq!(got[2].json()["id"], cursor.as_str());
-    wait_attempts(&s, id, "the replay succeeded", |a| a.first().is_some_and(|x| x["status"] == "succeeded" && x["response_status"] == 204)).await;
+    wait_attempts(&s, id, "the replay succeeded", |a| {
+        a.first()
+            .is_some_and(|x| x["status"] == "succeeded" && x["response_status"] == 204)
+    })
+    .await;
 
     // `earliest` replays the retained history: both events (the old one too, explicitly asked).
-    let r = s.client.post(s.url(&format!("/v1/endpoints/{id}/replay"))).json(&json!({"since": "earliest"})).send().await.unwrap();
+    let r = s
+        .client
+        .post(s.url(&format!("/v1/endpoints/{id}/replay")))
+        .json(&json!({"since": "earliest"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.json::<Value>().await.unwrap(), json!({"queued": 2}));
     rx.wait_for(5, T).await;
 }
@@ -494,7 +581,11 @@ async fn gone_disables_and_retry_after_is_honoured_within_the_schedule() {
     let gone = Receiver::start("127.0.0.1", |_, _| (410, vec![], "gone".into())).await;
     let busy = Receiver::start("127.0.0.1", |n, _| match n {
         0 => (429, vec![("retry-after".into(), "1".into())], String::new()),
-        1 => (503, vec![("retry-after".into(), "3600".into())], String::new()),
+        1 => (
+            503,
+            vec![("retry-after".into(), "3600".into())],
+            String::new(),
+        ),
         _ => (200, vec![], String::new()),
     })
     .await;
@@ -502,22 +593,50 @@ async fn gone_disables_and_retry_after_is_honoured_within_the_schedule() {
     let b = create_endpoint(&s, json!({"url": busy.url("/"), "channels": ["c"]})).await;
     s.publish("c", "t", json!({})).await;
 
-    let e = wait_endpoint(&s, g["id"].as_str().unwrap(), "410 disables", |e| e["enabled"] == false).await;
-    assert!(e["disabled_reason"].as_str().unwrap().contains("410"), "{e}");
+    let e = wait_endpoint(&s, g["id"].as_str().unwrap(), "410 disables", |e| {
+        e["enabled"] == false
+    })
+    .await;
+    assert!(
+        e["disabled_reason"].as_str().unwrap().contains("410"),
+        "{e}"
+    );
 
     let got = busy.wait_for(3, T).await;
     let gap1 = got[1].at - got[0].at;
     let gap2 = got[2].at - got[1].at;
-    assert!(gap1 >= Duration::from_millis(1000), "Retry-After: 1 was honoured: {gap1:?}");
+    assert!(
+        gap1 >= Duration::from_millis(1000),
+        "Retry-After: 1 was honoured: {gap1:?}"
+    );
     assert!(gap1 < Duration::from_millis(1900), "{gap1:?}");
-    assert!(gap2 >= Duration::from_secs(2) && gap2 < Duration::from_secs(3), "Retry-After: 3600 is cut to the longest delay (2s): {gap2:?}");
-    assert!(got.iter().all(|r| r.id == got[0].id), "one message, three attempts");
+    assert!(
+        gap2 >= Duration::from_secs(2) && gap2 < Duration::from_secs(3),
+        "Retry-After: 3600 is cut to the longest delay (2s): {gap2:?}"
+    );
+    assert!(
+        got.iter().all(|r| r.id == got[0].id),
+        "one message, three attempts"
+    );
     // A second event reaches only the endpoint that is still enabled.
     s.publish("c", "t", json!({})).await;
     busy.wait_for(4, T).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(gone.received().len(), 1, "a disabled endpoint gets nothing new");
-    let r = s.client.post(s.url(&format!("/v1/endpoints/{}/replay", g["id"].as_str().unwrap()))).json(&json!({"since":"earliest"})).send().await.unwrap();
+    assert_eq!(
+        gone.received().len(),
+        1,
+        "a disabled endpoint gets nothing new"
+    );
+    let r = s
+        .client
+        .post(s.url(&format!(
+            "/v1/endpoints/{}/replay",
+            g["id"].as_str().unwrap()
+        )))
+        .json(&json!({"since":"earliest"}))
+        .send()
+        .await
+        .unwrap();
     let (status, code, _) = error_of(r).await;
     assert_eq!((status, code.as_str()), (409, "endpoint_disabled"));
     let _ = b;
@@ -537,15 +656,31 @@ async fn an_endpoint_failing_for_too_long_is_disabled_with_the_reason() {
     s.publish("c", "t", json!({})).await;
     let e = wait_endpoint(&s, id, "disabled", |e| e["enabled"] == false).await;
     let reason = e["disabled_reason"].as_str().unwrap();
-    assert!(reason.contains("disable_after") && reason.contains("HTTP 500"), "{reason}");
+    assert!(
+        reason.contains("disable_after") && reason.contains("HTTP 500"),
+        "{reason}"
+    );
     assert!(e["failing_since"].is_string());
     let n = rx.received().len();
-    assert!((2..6).contains(&n), "disabled before the schedule ran out: {n}");
+    assert!(
+        (2..6).contains(&n),
+        "disabled before the schedule ran out: {n}"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(rx.received().len(), n, "nothing is sent to a disabled endpoint");
+    assert_eq!(
+        rx.received().len(),
+        n,
+        "nothing is sent to a disabled endpoint"
+    );
 
     // Enabling it again clears the reason, and pending deliveries resume.
-    let r = s.client.patch(s.url(&format!("/v1/endpoints/{id}"))).json(&json!({"enabled": true})).send().await.unwrap();
+    let r = s
+        .client
+        .patch(s.url(&format!("/v1/endpoints/{id}")))
+        .json(&json!({"enabled": true}))
+        .send()
+        .await
+        .unwrap();
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["enabled"], true);
     assert!(v["disabled_reason"].is_null() && v["failing_since"].is_null());
@@ -563,23 +698,51 @@ async fn rotation_signs_with_both_secrets_during_the_overlap() {
     let ep = create_endpoint(&s, json!({"url": rx.url("/"), "channels": ["c"]})).await;
     let id = ep["id"].as_str().unwrap();
     let old = ep["secret"].as_str().unwrap().to_string();
-    let r: Value = s.client.post(s.url(&format!("/v1/endpoints/{id}/rotate"))).send().await.unwrap().json().await.unwrap();
+    let r: Value = s
+        .client
+        .post(s.url(&format!("/v1/endpoints/{id}/rotate")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let new = r["secret"].as_str().unwrap().to_string();
     assert!(new.starts_with("whsec_") && new != old);
     assert!(r["previous_secret_expires_at"].is_string());
     let shown: Value = get_json(&s, &format!("/v1/endpoints/{id}/secret")).await;
     assert_eq!(shown["secret"], new.as_str());
     assert_eq!(shown["secrets"].as_array().unwrap().len(), 2);
-    assert!(get_json(&s, &format!("/v1/endpoints/{id}")).await.get("secret").is_none(), "GET never shows secrets");
+    assert!(
+        get_json(&s, &format!("/v1/endpoints/{id}"))
+            .await
+            .get("secret")
+            .is_none(),
+        "GET never shows secrets"
+    );
 
     s.publish("c", "t", json!({})).await;
     let got = rx.wait_for(1, T).await;
-    assert_eq!(got[0].signature.split(' ').count(), 2, "{}", got[0].signature);
+    assert_eq!(
+        got[0].signature.split(' ').count(),
+        2,
+        "{}",
+        got[0].signature
+    );
     verify_all(&old, &got);
     verify_all(&new, &got);
 
     // With no overlap the old secret stops at once.
-    let r: Value = s.client.post(s.url(&format!("/v1/endpoints/{id}/rotate"))).json(&json!({"overlap": "0s"})).send().await.unwrap().json().await.unwrap();
+    let r: Value = s
+        .client
+        .post(s.url(&format!("/v1/endpoints/{id}/rotate")))
+        .json(&json!({"overlap": "0s"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let newest = r["secret"].as_str().unwrap().to_string();
     s.publish("c", "t", json!({})).await;
     let got = rx.wait_for(2, T).await;
@@ -604,38 +767,108 @@ async fn endpoints_api_validates_and_changes_nothing_on_bad_input() {
         r.send()
     };
     let good = json!({"url": "http://127.0.0.2:9/hook", "channels": ["c"]});
-    assert_eq!(error_of(post(good.clone(), None).await.unwrap()).await.1, "unauthorized");
-    assert_eq!(error_of(post(good.clone(), Some("pk_test")).await.unwrap()).await.0, 401);
+    assert_eq!(
+        error_of(post(good.clone(), None).await.unwrap()).await.1,
+        "unauthorized"
+    );
+    assert_eq!(
+        error_of(post(good.clone(), Some("pk_test")).await.unwrap())
+            .await
+            .0,
+        401
+    );
 
     let cases = [
-        (json!({"url": "http://127.0.0.1:9/", "channels": ["c"]}), "forbidden_target"),
-        (json!({"url": "http://[::1]:9/", "channels": ["c"]}), "forbidden_target"),
-        (json!({"url": "http://[::ffff:127.0.0.1]:9/", "channels": ["c"]}), "forbidden_target"),
-        (json!({"url": "http://169.254.169.254/latest", "channels": ["c"]}), "forbidden_target"),
-        (json!({"url": "http://10.0.0.1/", "channels": ["c"]}), "forbidden_target"),
-        (json!({"url": "ftp://example.com/", "channels": ["c"]}), "invalid_url"),
-        (json!({"url": "not a url", "channels": ["c"]}), "invalid_url"),
-        (json!({"url": "http://user:pw@example.com/", "channels": ["c"]}), "invalid_url"),
-        (json!({"url": format!("http://example.com/{}", "a".repeat(3000)), "channels": ["c"]}), "invalid_url"),
-        (json!({"url": "http://example.com/", "channels": []}), "invalid_channel"),
-        (json!({"url": "http://example.com/", "channels": ["bad channel"]}), "invalid_channel"),
-        (json!({"url": "http://example.com/", "channels": ["c"], "types": [""]}), "invalid_type"),
-        (json!({"url": "http://example.com/", "channels": ["c"], "rate_limit": 0}), "invalid_rate_limit"),
-        (json!({"url": "http://example.com/", "channels": ["c"], "secret": "whsec_short"}), "invalid_secret"),
-        (json!({"url": "http://example.com/", "channels": ["c"], "colour": "red"}), "invalid_endpoint"),
+        (
+            json!({"url": "http://127.0.0.1:9/", "channels": ["c"]}),
+            "forbidden_target",
+        ),
+        (
+            json!({"url": "http://[::1]:9/", "channels": ["c"]}),
+            "forbidden_target",
+        ),
+        (
+            json!({"url": "http://[::ffff:127.0.0.1]:9/", "channels": ["c"]}),
+            "forbidden_target",
+        ),
+        (
+            json!({"url": "http://169.254.169.254/latest", "channels": ["c"]}),
+            "forbidden_target",
+        ),
+        (
+            json!({"url": "http://10.0.0.1/", "channels": ["c"]}),
+            "forbidden_target",
+        ),
+        (
+            json!({"url": "ftp://example.com/", "channels": ["c"]}),
+            "invalid_url",
+        ),
+        (
+            json!({"url": "not a url", "channels": ["c"]}),
+            "invalid_url",
+        ),
+        (
+            json!({"url": "http://user:pw@example.com/", "channels": ["c"]}),
+            "invalid_url",
+        ),
+        (
+            json!({"url": format!("http://example.com/{}", "a".repeat(3000)), "channels": ["c"]}),
+            "invalid_url",
+        ),
+        (
+            json!({"url": "http://example.com/", "channels": []}),
+            "invalid_channel",
+        ),
+        (
+            json!({"url": "http://example.com/", "channels": ["bad channel"]}),
+            "invalid_channel",
+        ),
+        (
+            json!({"url": "http://example.com/", "channels": ["c"], "types": [""]}),
+            "invalid_type",
+        ),
+        (
+            json!({"url": "http://example.com/", "channels": ["c"], "rate_limit": 0}),
+            "invalid_rate_limit",
+        ),
+        (
+            json!({"url": "http://example.com/", "channels": ["c"], "secret": "whsec_short"}),
+            "invalid_secret",
+        ),
+        (
+            json!({"url": "http://example.com/", "channels": ["c"], "colour": "red"}),
+            "invalid_endpoint",
+        ),
         (json!({"channels": ["c"]}), "invalid_endpoint"),
         (json!([1, 2]), "invalid_endpoint"),
     ];
     for (body, code) in cases {
-        let (status, got, message) = error_of(post(body.clone(), Some("ak_test")).await.unwrap()).await;
+        let (status, got, message) =
+            error_of(post(body.clone(), Some("ak_test")).await.unwrap()).await;
         assert_eq!((status, got.as_str()), (400, code), "{body}: {message}");
         if code == "forbidden_target" {
             assert!(message.contains("may not target"), "{message}");
         }
     }
-    let r = s.client.post(s.url("/v1/endpoints")).bearer_auth("ak_test").body("{nope").send().await.unwrap();
+    let r = s
+        .client
+        .post(s.url("/v1/endpoints"))
+        .bearer_auth("ak_test")
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(r).await.1, "invalid_json");
-    let list: Value = s.client.get(s.url("/v1/endpoints")).bearer_auth("ak_test").send().await.unwrap().json().await.unwrap();
+    let list: Value = s
+        .client
+        .get(s.url("/v1/endpoints"))
+        .bearer_auth("ak_test")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(list["endpoints"], json!([]), "nothing was stored");
 
     // Positive control: the same shapes, valid, are accepted (127.0.0.2 is allow-listed).
@@ -649,25 +882,67 @@ async fn endpoints_api_validates_and_changes_nothing_on_bad_input() {
     let get = s.client.get(s.url(&path)).send().await.unwrap();
     assert_eq!(get.status(), 401, "reading an endpoint needs the admin key");
 
-    let patch = |body: Value| s.client.patch(s.url(&path)).bearer_auth("ak_test").json(&body).send();
-    let (status, code, _) = error_of(patch(json!({"url": "http://127.0.0.1:9/"})).await.unwrap()).await;
+    let patch = |body: Value| {
+        s.client
+            .patch(s.url(&path))
+            .bearer_auth("ak_test")
+            .json(&body)
+            .send()
+    };
+    let (status, code, _) =
+        error_of(patch(json!({"url": "http://127.0.0.1:9/"})).await.unwrap()).await;
     assert_eq!((status, code.as_str()), (400, "forbidden_target"));
     let (_, code, _) = error_of(patch(json!({"channels": ["ok", "not ok"]})).await.unwrap()).await;
     assert_eq!(code, "invalid_channel");
-    let v: Value = patch(json!({"types": [], "rate_limit": null, "description": "all"})).await.unwrap().json().await.unwrap();
+    let v: Value = patch(json!({"types": [], "rate_limit": null, "description": "all"}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v["types"], json!([]));
     assert!(v["rate_limit"].is_null());
-    assert_eq!(v["channels"], json!(["c", "user:*"]), "fields not named are kept");
-    let v: Value = patch(json!({"enabled": false})).await.unwrap().json().await.unwrap();
+    assert_eq!(
+        v["channels"],
+        json!(["c", "user:*"]),
+        "fields not named are kept"
+    );
+    let v: Value = patch(json!({"enabled": false}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v["enabled"], false);
     assert_eq!(v["disabled_reason"], "disabled through the API");
 
-    let list: Value = s.client.get(s.url("/v1/endpoints")).bearer_auth("ak_test").send().await.unwrap().json().await.unwrap();
+    let list: Value = s
+        .client
+        .get(s.url("/v1/endpoints"))
+        .bearer_auth("ak_test")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(list["endpoints"].as_array().unwrap().len(), 1);
     assert!(list["endpoints"][0].get("secret").is_none());
-    let r = s.client.get(s.url(&format!("{path}/attempts?status=weird"))).bearer_auth("ak_test").send().await.unwrap();
+    let r = s
+        .client
+        .get(s.url(&format!("{path}/attempts?status=weird")))
+        .bearer_auth("ak_test")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(error_of(r).await.1, "invalid_status");
-    let r = s.client.delete(s.url(&path)).bearer_auth("ak_test").send().await.unwrap();
+    let r = s
+        .client
+        .delete(s.url(&path))
+        .bearer_auth("ak_test")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204);
     for req in [
         s.client.get(s.url(&path)),
@@ -681,7 +956,8 @@ async fn endpoints_api_validates_and_changes_nothing_on_bad_input() {
 }
 
 #[tokio::test]
-async fn loopback_targets_are_refused_while_an_allowed_one_receives_and_redirects_are_not_followed() {
+async fn loopback_targets_are_refused_while_an_allowed_one_receives_and_redirects_are_not_followed()
+{
     let s = TestServer::with(|c| {
         fast(c, &["0s"]);
         c.delivery.allow_targets = vec!["127.0.0.2/32".into()];
@@ -693,7 +969,11 @@ async fn loopback_targets_are_refused_while_an_allowed_one_receives_and_redirect
     let target = forbidden_v4.url("/stolen");
     let allowed = Receiver::start("127.0.0.2", move |_, r| {
         if r.path == "/redirect" {
-            (302, vec![("location".into(), target.clone())], String::new())
+            (
+                302,
+                vec![("location".into(), target.clone())],
+                String::new(),
+            )
         } else {
             (200, vec![], String::new())
         }
@@ -706,31 +986,85 @@ async fn loopback_targets_are_refused_while_an_allowed_one_receives_and_redirect
         format!("http://[::1]:{}/", forbidden_v6.addr.port()),
         format!("http://[::ffff:127.0.0.1]:{port}/"),
     ] {
-        let r = s.client.post(s.url("/v1/endpoints")).json(&json!({"url": url, "channels": ["c"]})).send().await.unwrap();
+        let r = s
+            .client
+            .post(s.url("/v1/endpoints"))
+            .json(&json!({"url": url, "channels": ["c"]}))
+            .send()
+            .await
+            .unwrap();
         let (status, code, message) = error_of(r).await;
         assert_eq!((status, code.as_str()), (400, "forbidden_target"), "{url}");
-        assert!(message.contains("loopback") || message.contains("IPv4-mapped"), "{message}");
+        assert!(
+            message.contains("loopback") || message.contains("IPv4-mapped"),
+            "{message}"
+        );
     }
     // A name is checked on what it resolves to, at delivery.
-    let by_name = create_endpoint(&s, json!({"url": format!("http://localhost:{port}/by-name"), "channels": ["c"]})).await;
+    let by_name = create_endpoint(
+        &s,
+        json!({"url": format!("http://localhost:{port}/by-name"), "channels": ["c"]}),
+    )
+    .await;
     let ok = create_endpoint(&s, json!({"url": allowed.url("/ok"), "channels": ["c"]})).await;
-    let redirect = create_endpoint(&s, json!({"url": allowed.url("/redirect"), "channels": ["c"]})).await;
+    let redirect = create_endpoint(
+        &s,
+        json!({"url": allowed.url("/redirect"), "channels": ["c"]}),
+    )
+    .await;
     s.publish("c", "t", json!({"n": 1})).await;
 
     let got = allowed.wait_for(2, T).await;
-    verify_all(ok["secret"].as_str().unwrap(), &got.iter().filter(|r| r.path == "/ok").cloned().collect::<Vec<_>>());
-    let a = wait_attempts(&s, by_name["id"].as_str().unwrap(), "the name's attempt", |a| a.first().is_some_and(|x| x["status"] == "failed")).await;
+    verify_all(
+        ok["secret"].as_str().unwrap(),
+        &got.iter()
+            .filter(|r| r.path == "/ok")
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
+    let a = wait_attempts(
+        &s,
+        by_name["id"].as_str().unwrap(),
+        "the name's attempt",
+        |a| a.first().is_some_and(|x| x["status"] == "failed"),
+    )
+    .await;
     let error = a[0]["error"].as_str().unwrap();
-    assert!(error.starts_with("forbidden_target") && error.contains("localhost") && error.contains("loopback"), "{error}");
+    assert!(
+        error.starts_with("forbidden_target")
+            && error.contains("localhost")
+            && error.contains("loopback"),
+        "{error}"
+    );
     assert!(a[0]["response_status"].is_null(), "nothing was sent");
-    let a = wait_attempts(&s, redirect["id"].as_str().unwrap(), "the redirect's attempt", |a| a.first().is_some_and(|x| x["status"] == "failed")).await;
+    let a = wait_attempts(
+        &s,
+        redirect["id"].as_str().unwrap(),
+        "the redirect's attempt",
+        |a| a.first().is_some_and(|x| x["status"] == "failed"),
+    )
+    .await;
     assert_eq!(a[0]["response_status"], 302);
-    assert!(a[0]["error"].as_str().unwrap().contains("not followed"), "{}", a[0]);
-    let a = wait_attempts(&s, ok["id"].as_str().unwrap(), "the allowed delivery", |a| a.first().is_some_and(|x| x["status"] == "succeeded")).await;
+    assert!(
+        a[0]["error"].as_str().unwrap().contains("not followed"),
+        "{}",
+        a[0]
+    );
+    let a = wait_attempts(
+        &s,
+        ok["id"].as_str().unwrap(),
+        "the allowed delivery",
+        |a| a.first().is_some_and(|x| x["status"] == "succeeded"),
+    )
+    .await;
     assert_eq!(a[0]["response_status"], 200);
 
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(forbidden_v4.received().is_empty(), "nothing reached 127.0.0.1: {:?}", forbidden_v4.received());
+    assert!(
+        forbidden_v4.received().is_empty(),
+        "nothing reached 127.0.0.1: {:?}",
+        forbidden_v4.received()
+    );
     assert!(forbidden_v6.received().is_empty(), "nothing reached [::1]");
 }
 
@@ -742,7 +1076,11 @@ async fn allow_private_targets_lifts_the_guard_for_development() {
     })
     .await;
     let rx = Receiver::ok("127.0.0.1").await;
-    let ep = create_endpoint(&s, json!({"url": format!("http://localhost:{}/dev", rx.addr.port()), "channels": ["c"]})).await;
+    let ep = create_endpoint(
+        &s,
+        json!({"url": format!("http://localhost:{}/dev", rx.addr.port()), "channels": ["c"]}),
+    )
+    .await;
     s.publish("c", "t", json!({})).await;
     let got = rx.wait_for(1, T).await;
     verify_all(ep["secret"].as_str().unwrap(), &got);
@@ -770,23 +1108,53 @@ async fn a_dead_endpoint_does_not_delay_a_healthy_one() {
         }
     });
     let healthy = Receiver::ok("127.0.0.1").await;
-    let d = create_endpoint(&s, json!({"url": format!("http://{dead_addr}/"), "channels": ["c"]})).await;
+    let d = create_endpoint(
+        &s,
+        json!({"url": format!("http://{dead_addr}/"), "channels": ["c"]}),
+    )
+    .await;
     create_endpoint(&s, json!({"url": healthy.url("/"), "channels": ["c"]})).await;
 
     let started = Instant::now();
-    let batch: Vec<Value> = (0..40).map(|i| json!({"channel": "c", "type": "t", "data": {"i": i}})).collect();
-    let r = s.client.post(s.url("/v1/publish")).json(&json!({"events": batch})).send().await.unwrap();
+    let batch: Vec<Value> = (0..40)
+        .map(|i| json!({"channel": "c", "type": "t", "data": {"i": i}}))
+        .collect();
+    let r = s
+        .client
+        .post(s.url("/v1/publish"))
+        .json(&json!({"events": batch}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     healthy.wait_for(40, timeout).await;
     let took = started.elapsed();
     assert!(took < timeout, "healthy deliveries finished in {took:?}");
     let a = attempts(&s, d["id"].as_str().unwrap()).await;
-    assert!(a.iter().all(|x| x["status"] == "pending"), "the dead endpoint has not timed out yet: {a:?}");
-    assert!(!held.lock().unwrap().is_empty(), "the dead endpoint was being tried");
-    assert!(held.lock().unwrap().len() <= 2, "per_endpoint caps the dead endpoint's connections");
+    assert!(
+        a.iter().all(|x| x["status"] == "pending"),
+        "the dead endpoint has not timed out yet: {a:?}"
+    );
+    assert!(
+        !held.lock().unwrap().is_empty(),
+        "the dead endpoint was being tried"
+    );
+    assert!(
+        held.lock().unwrap().len() <= 2,
+        "per_endpoint caps the dead endpoint's connections"
+    );
 
-    let a = wait_attempts(&s, d["id"].as_str().unwrap(), "the dead endpoint's timeout", |a| a.iter().any(|x| x["status"] == "failed")).await;
+    let a = wait_attempts(
+        &s,
+        d["id"].as_str().unwrap(),
+        "the dead endpoint's timeout",
+        |a| a.iter().any(|x| x["status"] == "failed"),
+    )
+    .await;
     let failed = a.iter().find(|x| x["status"] == "failed").unwrap();
-    assert!(failed["error"].as_str().unwrap().contains("timed out"), "{failed}");
+    assert!(
+        failed["error"].as_str().unwrap().contains("timed out"),
+        "{failed}"
+    );
     dead_task.abort();
 }

@@ -78,7 +78,10 @@ async fn every_matching_event_arrives_after_kill_9_mid_delivery() {
     let port = free_port();
     let env = [
         ("PUSHGATE_DELIVERY__ALLOW_TARGETS", r#"["127.0.0.1/32"]"#),
-        ("PUSHGATE_DELIVERY__RETRY_SCHEDULE", r#"["0s","200ms","500ms","1s"]"#),
+        (
+            "PUSHGATE_DELIVERY__RETRY_SCHEDULE",
+            r#"["0s","200ms","500ms","1s"]"#,
+        ),
         ("PUSHGATE_DELIVERY__TIMEOUT", "2s"),
         ("PUSHGATE_DELIVERY__POLL_INTERVAL", "100ms"),
         ("PUSHGATE_DELIVERY__PER_ENDPOINT", "2"),
@@ -158,8 +161,18 @@ async fn every_matching_event_arrives_after_kill_9_mid_delivery() {
     }
     let got = rx.received();
     for r in &got {
-        let seq = r.json()["id"].as_str().unwrap().split('-').next().unwrap().to_string();
-        assert!(r.id.starts_with(&format!("msg_{seq}_")), "stable webhook-id {}", r.id);
+        let seq = r.json()["id"]
+            .as_str()
+            .unwrap()
+            .split('-')
+            .next()
+            .unwrap()
+            .to_string();
+        assert!(
+            r.id.starts_with(&format!("msg_{seq}_")),
+            "stable webhook-id {}",
+            r.id
+        );
     }
     verify_all(&secret, &got);
     drop(server);
@@ -231,7 +244,11 @@ async fn listen_tails_a_channel_and_resumes_after_the_server_restarts() {
     let got: Vec<Value> = (0..2)
         .map(|_| serde_json::from_str(&lines.next()).unwrap())
         .collect();
-    assert_eq!(got[0]["id"], second.as_str(), "resumed after its last cursor, nothing repeated");
+    assert_eq!(
+        got[0]["id"],
+        second.as_str(),
+        "resumed after its last cursor, nothing repeated"
+    );
     assert_eq!(got[1]["id"], third.as_str());
     child.kill().unwrap();
     child.wait().unwrap();
@@ -245,7 +262,13 @@ async fn listen_forwards_each_event_signed_to_a_local_url() {
     let secret = pushgate::deliver::sign::generate_secret();
     let mut child = listen(
         &server.base,
-        &["--forward-to", &rx.url("/local-hook"), "--secret", &secret, "--json"],
+        &[
+            "--forward-to",
+            &rx.url("/local-hook"),
+            "--secret",
+            &secret,
+            "--json",
+        ],
     );
     let lines = Lines::of(&mut child);
     // Published after listen connected: wait until its stream is open.
