@@ -99,6 +99,14 @@ pub async fn run(
         match tls.clone() {
             None => {
                 tokio::spawn(async move {
+                    // The protocol sniffing below waits for bytes with no
+                    // timeout of its own: a client that connects and says
+                    // nothing is dropped here.
+                    let mut first = [0u8; 1];
+                    match tokio::time::timeout(handshake_timeout, stream.peek(&mut first)).await {
+                        Ok(Ok(n)) if n > 0 => {}
+                        _ => return,
+                    }
                     let conn =
                         builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     let _ = watcher.watch(conn.into_owned()).await;

@@ -69,6 +69,7 @@ pub async fn stream(
         expires_at: grant.and_then(|g| g.expires_at),
         scratch: Vec::new(),
         deliveries: app.metrics.deliveries_sse.clone(),
+        lags: app.metrics.lagged_subscribers.clone(),
         _open: GaugeGuard::new(&app.metrics.streams_sse),
     };
     let mut resp = Body::new(body).into_response();
@@ -126,6 +127,7 @@ struct SseBody {
     expires_at: Option<u64>,
     scratch: Vec<Arc<EncodedEvent>>,
     deliveries: metrics::Counter,
+    lags: metrics::Counter,
     _open: GaugeGuard,
 }
 
@@ -238,7 +240,10 @@ impl http_body::Body for SseBody {
                                 return Poll::Ready(Some(Ok(Frame::data(chunk))));
                             }
                         }
-                        Signal::Lagged => this.phase = Phase::CatchUp(None),
+                        Signal::Lagged => {
+                            this.lags.increment(1);
+                            this.phase = Phase::CatchUp(None);
+                        }
                         Signal::Ping => {
                             if this.expires_at.is_some_and(|exp| unix_now() >= exp) {
                                 this.phase = Phase::Done;
