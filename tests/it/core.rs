@@ -860,3 +860,75 @@ fn unsafe_sigterm(pid: u32) {
         .unwrap();
     assert!(ok.success());
 }
+
+#[tokio::test]
+async fn tls_with_alpn_serves_http2_and_http1() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (Debian package openssl) is needed for the TLS test");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let s = TestServer::with(|c| {
+        c.server.tls_cert = Some(cert.clone());
+        c.server.tls_key = Some(key.clone());
+    })
+    .await;
+    let base = format!("https://localhost:{}", s.addr.port());
+    for (client, version) in [
+        (
+            reqwest::Client::builder()
+                .danger_accept_invalid_certs(true)
+                .resolve("localhost", s.addr)
+                .build()
+                .unwrap(),
+            reqwest::Version::HTTP_2,
+        ),
+        (
+            reqwest::Client::builder()
+                .danger_accept_invalid_certs(true)
+                .resolve("localhost", s.addr)
+                .http1_only()
+                .build()
+                .unwrap(),
+            reqwest::Version::HTTP_11,
+        ),
+    ] {
+        let r = client
+            .post(format!("{base}/v1/publish"))
+            .json(&json!({"channel":"tls","data":1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.version(), version);
+        let mut sub = SseClient::connect(
+            &client,
+            &format!("{base}/v1/stream?channel=tls&since=earliest"),
+            None,
+        )
+        .await;
+        assert_eq!(sub.next_timeout(T).await.unwrap().json()["data"], json!(1));
+    }
+}
