@@ -932,3 +932,54 @@ async fn tls_with_alpn_serves_http2_and_http1() {
         assert_eq!(sub.next_timeout(T).await.unwrap().json()["data"], json!(1));
     }
 }
+
+#[tokio::test]
+async fn a_closed_stream_is_unregistered_at_once() {
+    let s = TestServer::start().await;
+    let gauge = |text: String| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("pushgate_open_streams{transport=\"sse\"} "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(-1.0)
+    };
+    let sub = s.sse("channel=bye").await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let sub2 = SseClient::connect(&h2, &s.url("/v1/stream?channel=bye"), None).await;
+    let metrics = s
+        .client
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(gauge(metrics), 2.0, "both streams counted");
+    drop(sub);
+    drop(sub2);
+    drop(h2);
+    let mut open = -1.0;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        open = gauge(
+            s.client
+                .get(s.url("/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+        );
+        if open == 0.0 {
+            break;
+        }
+    }
+    assert_eq!(
+        open, 0.0,
+        "closed streams are dropped without waiting for a write to fail"
+    );
+}
