@@ -206,7 +206,7 @@ async fn resume_race_loses_nothing_and_repeats_nothing() {
     while seen.len() < 1000 {
         let ev = sub.next_timeout(T).await.expect("stream ended");
         seen.push(ev.id.clone().unwrap());
-        if seen.len() % 100 == 0 {
+        if seen.len().is_multiple_of(100) {
             reconnects += 1;
             drop(sub);
             sub = SseClient::connect(
@@ -291,7 +291,7 @@ async fn slow_consumer_slows_no_one_and_loses_nothing() {
         let i = ev.json()["data"]["i"].as_i64().unwrap();
         assert_eq!(i, last + 1, "fast subscriber in order");
         last = i;
-        if n % 5000 == 0 {
+        if n.is_multiple_of(5000) {
             peak_rss = peak_rss.max(server.rss_kib());
         }
     }
