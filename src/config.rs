@@ -309,11 +309,10 @@ impl Config {
             }
             None => (toml::Table::new(), "configuration".to_string()),
         };
-        // Every key lives in a section, so a setting always has a `__`;
-        // other PUSHGATE_ variables (PUSHGATE_LOG, PUSHGATE_TOKEN for the
-        // CLI) are not configuration.
         let overrides: BTreeMap<String, String> = env
             .into_iter()
+            // Every key lives in a section, so a variable without `__` (such
+            // as PUSHGATE_LOG, the log filter) is not a configuration key.
             .filter(|(k, _)| k.starts_with("PUSHGATE_") && k.contains("__"))
             .collect();
         for (key, value) in overrides {
@@ -517,9 +516,9 @@ mod tests {
                 ("PUSHGATE_SERVER__LISTEN", "127.0.0.1:9999"),
                 ("PUSHGATE_AUTH__PUBLISH_KEYS", "[\"pk_1\",\"pk_2\"]"),
                 ("PUSHGATE_LIMITS__STREAMS_PER_CLIENT", "7"),
-                ("PUSHGATE_LOG", "debug"),
                 ("PUSHGATE_TOKEN", "ey.."),
                 ("OTHER", "x"),
+                ("PUSHGATE_LOG", "debug"),
             ],
         )
         .unwrap();

@@ -44,6 +44,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/v1/endpoints/{id}/secret", get(endpoints::secret))
         .route("/v1/endpoints/{id}/attempts", get(endpoints::attempts))
         .route("/v1/endpoints/{id}/replay", post(endpoints::replay))
+        .route("/", get(dashboard))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
@@ -129,6 +130,12 @@ async fn method_not_allowed() -> ApiError {
         "method_not_allowed",
         "method not allowed on this route",
     )
+}
+
+/// The dashboard: live events, the inbound inspector, endpoints and attempts.
+/// One static page; it talks to the same admin API as everyone else.
+async fn dashboard() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("dashboard.html"))
 }
 
 async fn healthz() -> &'static str {
