@@ -42,6 +42,9 @@ use ssrf::{GuardedResolver, TargetPolicy};
 
 /// Events the dispatcher reads per transaction.
 const DISPATCH_PAGE: usize = 1000;
+/// How long pages without deliveries may move the dispatcher on before the
+/// durable cursor follows.
+const CURSOR_FLUSH: Duration = Duration::from_secs(1);
 /// Bytes of a response body kept with its attempt.
 pub const RESPONSE_BODY_KEPT: usize = 4096;
 /// How long in-flight attempts may finish at shutdown before they are cut
@@ -95,6 +98,24 @@ impl Matcher {
 
     fn wants(&self, event: &Event) -> bool {
         event.seq > self.from_seq && self.matches(event)
+    }
+}
+
+/// The dispatcher's position: how far it has read, and how far the store
+/// knows it has (the durable outbox cursor).
+struct Outbox {
+    read_to: Seq,
+    persisted: Seq,
+    persisted_at: Instant,
+}
+
+impl Outbox {
+    fn at(cursor: Seq) -> Outbox {
+        Outbox {
+            read_to: cursor,
+            persisted: cursor,
+            persisted_at: Instant::now(),
+        }
     }
 }
 
@@ -195,21 +216,21 @@ impl Deliverer {
     /// Queues the deliveries of every committed event, forever.
     pub async fn run_dispatcher(self: Arc<Self>) {
         let poll = self.config.delivery.poll_interval.0;
-        let mut cursor: Option<Seq> = None;
+        let mut outbox: Option<Outbox> = None;
         loop {
-            let step = match cursor {
-                Some(c) => self.dispatch_page(c).await,
-                None => self.store.outbox_cursor().await.map(Some),
+            let step = match &mut outbox {
+                Some(ob) => self.dispatch_page(ob).await,
+                None => self.store.outbox_cursor().await.map(|c| {
+                    outbox = Some(Outbox::at(c));
+                    true
+                }),
             };
             match step {
-                Ok(Some(next)) if Some(next) != cursor => {
-                    cursor = Some(next);
-                    continue;
-                }
-                Ok(_) => {}
+                Ok(true) => continue,
+                Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "outbox dispatcher: store error; retrying");
-                    cursor = None;
+                    outbox = None;
                 }
             }
             tokio::select! {
@@ -219,12 +240,16 @@ impl Deliverer {
         }
     }
 
-    /// Queues the deliveries of one page of the log after `cursor`; returns
-    /// the new cursor.
-    async fn dispatch_page(&self, cursor: Seq) -> Result<Option<Seq>, StoreError> {
-        let page = self.store.read_log(cursor, DISPATCH_PAGE).await?;
-        if page.scanned_to <= cursor {
-            return Ok(Some(cursor));
+    /// Queues the deliveries of one page of the log after `ob.read_to`;
+    /// returns whether it moved on (false: nothing new to read).
+    async fn dispatch_page(&self, ob: &mut Outbox) -> Result<bool, StoreError> {
+        let page = self.store.read_log(ob.read_to, DISPATCH_PAGE).await?;
+        if page.scanned_to <= ob.read_to {
+            if ob.persisted < ob.read_to {
+                // Idle: store how far the pages without deliveries went.
+                self.commit_outbox(ob, Vec::new(), ob.read_to).await?;
+            }
+            return Ok(false);
         }
         // Endpoints are read after the events: one created meanwhile has a
         // `from_seq` at or above every event of this page.
@@ -248,28 +273,49 @@ impl Deliverer {
                 deliveries.push(self.new_delivery(event, &m.endpoint_id, payload, due));
             }
         }
-        let touched: Vec<String> = {
-            let mut ids: Vec<String> = deliveries.iter().map(|d| d.endpoint_id.clone()).collect();
-            ids.sort_unstable();
-            ids.dedup();
-            ids
-        };
+        if deliveries.is_empty() && ob.persisted_at.elapsed() < CURSOR_FLUSH {
+            // Nothing to queue: moving the durable cursor can wait, so pages
+            // without deliveries cost the writer no transaction of their own.
+            // Re-reading them after a crash queues nothing new for an
+            // endpoint created since (its `from_seq` is later).
+            ob.read_to = page.scanned_to;
+            return Ok(true);
+        }
+        let mut touched: Vec<String> = deliveries.iter().map(|d| d.endpoint_id.clone()).collect();
+        touched.sort_unstable();
+        touched.dedup();
+        if self.commit_outbox(ob, deliveries, page.scanned_to).await? {
+            for id in touched {
+                self.queued(&id, due);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Queues `deliveries` and moves the durable cursor to `to`, in one
+    /// transaction. If another node moved the cursor first, nothing is
+    /// written and reading continues from where that node got to.
+    async fn commit_outbox(
+        &self,
+        ob: &mut Outbox,
+        deliveries: Vec<NewDelivery>,
+        to: Seq,
+    ) -> Result<bool, StoreError> {
         let advance = OutboxAdvance {
-            from: cursor,
-            to: page.scanned_to,
+            from: ob.persisted,
+            to,
         };
-        if !self
+        if self
             .store
             .enqueue_deliveries(deliveries, Some(advance))
             .await?
         {
-            // Another node moved the cursor: continue from where it is.
-            return self.store.outbox_cursor().await.map(Some);
+            *ob = Outbox::at(to);
+            Ok(true)
+        } else {
+            *ob = Outbox::at(self.store.outbox_cursor().await?);
+            Ok(false)
         }
-        for id in touched {
-            self.queued(&id, due);
-        }
-        Ok(Some(page.scanned_to))
     }
 
     fn new_delivery(
