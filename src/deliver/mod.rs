@@ -449,8 +449,14 @@ impl Deliverer {
                     break;
                 }
             }
-            let wait = sched
-                .next_wake(now_ms())
+            // With every worker busy only a finished attempt frees one: due
+            // work must not make this loop spin.
+            let due_in = if tasks.len() >= sched.workers {
+                None
+            } else {
+                sched.next_wake(now_ms())
+            };
+            let wait = due_in
                 .map(|ms| Duration::from_millis(ms.max(0) as u64))
                 .unwrap_or(cfg.poll_interval.0)
                 .min(refresh_at.saturating_duration_since(Instant::now()));
