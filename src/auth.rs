@@ -424,20 +424,21 @@ impl Auth {
     }
 
     /// Verifies whatever subscriber credential the request carries: an
-    /// admin key (`Authorization` only) or a token. `Ok(None)`: nothing was
+    /// admin key (`Authorization` or `?token=`, for the dashboard's
+    /// `EventSource`; never the cookie) or a token. `Ok(None)`: nothing was
     /// presented, or development mode. A credential that is presented and
     /// bad is an error, even if only public channels are asked for.
     pub fn authenticate(&self, creds: &Credentials) -> Result<Option<Grant>, AuthError> {
         if self.development {
             return Ok(None);
         }
-        if let Some(bearer) = &creds.bearer {
-            if let Some(i) = key_index(&self.admin_keys, bearer) {
+        if let Some(key) = creds.explicit_token() {
+            if let Some(i) = key_index(&self.admin_keys, key) {
                 return Ok(Some(Grant::admin(i)));
             }
             // A backend's publish key is no subscriber credential, but not
             // a bad one either: it may read public channels.
-            if key_index(&self.publish_keys, bearer).is_some() {
+            if key_index(&self.publish_keys, key).is_some() {
                 return Ok(None);
             }
         }
@@ -715,9 +716,18 @@ mod tests {
         assert!(auth.authorize_admin(&bearer("ak_1")).is_ok());
         assert!(auth.authorize_admin(&bearer("pk_1")).is_err());
         assert!(auth.authorize_admin(&Credentials::default()).is_err());
-        // An admin key in the query string is not an admin key.
+        // An admin key in the query string reads (the dashboard's
+        // EventSource), but is not accepted by the admin API.
         let q = Credentials::from_request(&HeaderMap::new(), Some("ak_1"));
         assert!(auth.authorize_admin(&q).is_err());
+        assert!(auth.authorize_subscribe(&q, &["user:1".into()]).is_ok());
+        let mut h = HeaderMap::new();
+        h.insert("cookie", "pushgate_token=ak_1".parse().unwrap());
+        let cookie = Credentials::from_request(&h, None);
+        assert!(
+            auth.authorize_subscribe(&cookie, &["user:1".into()])
+                .is_err()
+        );
         assert_eq!(
             auth.authorize_publish(&bearer("pk_1"), &["x"]),
             Ok(Publisher::Key(0))

@@ -353,7 +353,9 @@ impl Config {
         };
         let overrides: BTreeMap<String, String> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with("PUSHGATE_"))
+            // Every key lives in a section, so a variable without `__` (such
+            // as PUSHGATE_LOG, the log filter) is not a configuration key.
+            .filter(|(k, _)| k.starts_with("PUSHGATE_") && k.contains("__"))
             .collect();
         for (key, value) in overrides {
             apply_env_override(&mut table, &key, &value)?;
@@ -415,6 +417,12 @@ impl Config {
             cidr.parse::<ipnet::IpNet>().map_err(|e| {
                 ConfigError::invalid(format!("delivery.allow_targets[{i}]"), e.to_string())
             })?;
+        }
+        if self.server.cors_origins.len() > 1 && self.server.cors_origins.iter().any(|o| o == "*") {
+            return Err(ConfigError::invalid(
+                "server.cors_origins",
+                "`*` (any origin, without credentials) must be the only entry",
+            ));
         }
         for (i, origin) in self.server.cors_origins.iter().enumerate() {
             check_origin(origin)
@@ -582,6 +590,7 @@ mod tests {
                 ("PUSHGATE_AUTH__PUBLISH_KEYS", "[\"pk_1\",\"pk_2\"]"),
                 ("PUSHGATE_LIMITS__STREAMS_PER_CLIENT", "7"),
                 ("OTHER", "x"),
+                ("PUSHGATE_LOG", "debug"),
             ],
         )
         .unwrap();
@@ -614,6 +623,8 @@ mod tests {
         assert_eq!(ok.server.trusted_proxies().unwrap().len(), 2);
         let e = load_str("[server]\ncors_origins = [\"https://a.com/path\"]", &[]).unwrap_err();
         assert!(e.to_string().contains("server.cors_origins[0]"), "{e}");
+        let e = load_str("[server]\ncors_origins = [\"*\", \"https://a.com\"]", &[]).unwrap_err();
+        assert!(e.to_string().contains("only entry"), "{e}");
         let e = load_str("[server]\ncors_origins = [\"a.com\"]", &[]).unwrap_err();
         assert!(e.to_string().contains("server.cors_origins[0]"), "{e}");
         let e = load_str("[server]\ntrusted_proxies = [\"proxy\"]", &[]).unwrap_err();

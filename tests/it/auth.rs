@@ -665,7 +665,7 @@ async fn publish_keys_write_admin_keys_do_everything() {
             .0,
         200
     );
-    // An admin key publishes and reads any channel, from the header only.
+    // An admin key publishes and reads any channel.
     assert_eq!(
         publish_with(&s, Some(ADMIN_KEY), "user:7", json!(2))
             .await
@@ -679,8 +679,16 @@ async fn publish_keys_write_admin_keys_do_everything() {
         .await
         .expect("admin SSE");
     assert!(sse.next_timeout(T).await.is_some());
+    // The dashboard's EventSource carries it as ?token=; a cookie never does.
+    assert_eq!(
+        send(poll(&s, &format!("channel=user:7&token={ADMIN_KEY}")))
+            .await
+            .0,
+        200
+    );
     assert_error(
-        &send(poll(&s, &format!("channel=user:7&token={ADMIN_KEY}"))).await,
+        &send(poll(&s, "channel=user:7").header("cookie", format!("pushgate_token={ADMIN_KEY}")))
+            .await,
         401,
         "unauthorized",
     );
@@ -1164,6 +1172,18 @@ async fn secrets_never_appear_in_the_logs() {
         .unwrap();
     assert_eq!(r.status(), 200);
     drop(sse);
+    // HTTP/2 requests take the router (and its request spans), not the lean
+    // HTTP/1 stream path.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2
+        .get(url("/v1/stream?channel=x&token=SECRETVALUE2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let logs = bin.stop();
@@ -1177,6 +1197,7 @@ async fn secrets_never_appear_in_the_logs() {
         "request paths are logged:\n{logs}"
     );
     for secret in ["SECRETVALUE", valid.as_str(), PUBLISH_KEY, SECRET] {
+        // ("SECRETVALUE" also covers "SECRETVALUE2".)
         assert!(
             !logs.contains(secret),
             "`{secret}` leaked into the logs:\n{logs}"
@@ -1372,4 +1393,55 @@ async fn cors_answers_preflights_for_listed_origins_with_credentials() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.headers().get("access-control-allow-origin").is_none());
+}
+
+/// HTTP/2 streams go through the router rather than the lean HTTP/1 path:
+/// the same checks, caps and CORS apply there.
+#[tokio::test]
+async fn the_http2_path_enforces_the_same_rules() {
+    let s = TestServer::with(|c| {
+        secured(c);
+        c.limits.streams_per_client = 1;
+        c.server.cors_origins = vec!["https://app.example.com".into()];
+    })
+    .await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let stream = |query: String| {
+        h2.get(s.url(&format!("/v1/stream?{query}")))
+            .header("origin", "https://app.example.com")
+            .timeout(Duration::from_secs(3600))
+    };
+    let t1 = user_token(1);
+    let refused = open_sse(stream(format!("channel=user:2&token={t1}")))
+        .await
+        .err()
+        .unwrap();
+    assert_error(&refused, 403, "forbidden");
+    let refused = open_sse(stream("channel=user:1".into()))
+        .await
+        .err()
+        .unwrap();
+    assert_error(&refused, 401, "unauthorized");
+
+    let r = stream(format!("channel=user:1&token={t1}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    let mut own = SseClient::from_response(r);
+    let capped = open_sse(stream("channel=news".into())).await.err().unwrap();
+    assert_error(&capped, 429, "too_many_streams");
+
+    publish_with(&s, Some(PUBLISH_KEY), "user:2", json!("not yours")).await;
+    let (_, r) = publish_with(&s, Some(PUBLISH_KEY), "user:1", json!("yours")).await;
+    let ev = own.next_timeout(T).await.unwrap();
+    assert_eq!(ev.id.as_deref(), r["ids"][0].as_str());
+    assert_eq!(ev.json()["data"], "yours");
 }

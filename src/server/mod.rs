@@ -4,12 +4,20 @@
 //! Invariants: a client gets `server.header_timeout` to send its request
 //! head (slow or half-open connections are closed, not kept); on shutdown the
 //! listener closes first, then streams are ended (`on_shutdown`), then open
-//! requests get `drain` to finish; every request carries `ConnectInfo`
-//! with the client's address: the peer's, or, when the peer is one of
-//! `server.trusted_proxies`, the last address in `X-Forwarded-For` that is
-//! not a trusted proxy (a client cannot spoof it past a proxy that appends).
-//! HTTP/2 requests get a `Host` header from their `:authority`, so
-//! same-origin checks see one shape.
+//! requests get `drain` to finish.
+//!
+//! Every request carries the client's address (`ConnectInfo` for the
+//! router): the peer's, or, when the peer is one of `server.trusted_proxies`,
+//! the last address in `X-Forwarded-For` that is not a trusted proxy (a
+//! client cannot spoof it past a proxy that appends). HTTP/2 requests get a
+//! `Host` header from their `:authority`, so same-origin checks see one shape.
+//!
+//! Plain-text `GET /v1/stream` over HTTP/1.x is recognised from the first
+//! bytes and served by `sse_h1`, which keeps no per-connection buffers
+//! (hyper keeps ~16 KiB per connection, which dominates an idle stream's
+//! cost). Everything else — other routes, HTTP/2, TLS — goes to hyper.
+
+mod sse_h1;
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -28,8 +36,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 use tower::ServiceExt;
 
-use crate::ServeError;
 use crate::config::ServerConfig;
+use crate::{AppState, ServeError};
 
 pub fn tls_acceptor(cfg: &ServerConfig) -> Result<Option<TlsAcceptor>, ServeError> {
     let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else {
@@ -96,8 +104,10 @@ pub fn client_addr(peer: SocketAddr, trusted: &[IpNet], headers: &http::HeaderMa
     SocketAddr::new(client, 0)
 }
 
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     listener: TcpListener,
+    app: Arc<AppState>,
     router: Router,
     tls: Option<TlsAcceptor>,
     cfg: &ServerConfig,
@@ -142,9 +152,19 @@ pub async fn run(
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();
+        let app = app.clone();
+        let trusted_h1 = trusted.clone();
         match tls.clone() {
             None => {
                 tokio::spawn(async move {
+                    match sse_h1::sniff(&stream, handshake_timeout).await {
+                        sse_h1::Sniffed::Nothing => return,
+                        sse_h1::Sniffed::SseHead(head_len) => {
+                            sse_h1::serve(app, stream, peer, &trusted_h1, head_len).await;
+                            return;
+                        }
+                        sse_h1::Sniffed::Other => {}
+                    }
                     let conn =
                         builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     let _ = watcher.watch(conn.into_owned()).await;
