@@ -1,7 +1,7 @@
 //! Outbound webhook endpoints (admin API, contract §3.4):
 //! `/v1/endpoints[/{id}[/rotate|/secret|/attempts|/replay]]`.
 //!
-//! Invariants: every route checks the admin key before it reads the body;
+//! Invariants: every route checks the admin key (`Admin`) before it reads the body;
 //! an endpoint is validated whole before anything is stored (a bad field
 //! changes nothing); a literal private, loopback or link-local target is
 //! refused at creation and on update (`400 forbidden_target`) unless the
@@ -15,14 +15,13 @@ use axum::Json;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
-use http::{HeaderMap, StatusCode};
+use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::RawBody;
 use super::error::ApiError;
+use super::{Admin, RawBody};
 use crate::AppState;
-use crate::auth::Credentials;
 use crate::config::Dur;
 use crate::deliver::{rfc3339, sign};
 use crate::store::{
@@ -43,12 +42,6 @@ const MAX_ATTEMPTS: usize = 1000;
 const MAX_REPLAY: usize = 100_000;
 const DEFAULT_OVERLAP: Duration = Duration::from_secs(24 * 3600);
 const MAX_OVERLAP: Duration = Duration::from_secs(30 * 86400);
-
-fn admin(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    app.auth
-        .authorize_admin(&Credentials::from_request(headers, None))?;
-    Ok(())
-}
 
 fn endpoint_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     path.map(|Path(id)| id)
@@ -218,10 +211,9 @@ fn yes() -> bool {
 
 pub async fn create(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    admin(&app, &headers)?;
     let b: CreateBody = parse_body(&body)?;
     let url = check_url(&app, &b.url)?;
     check_channels(&b.channels)?;
@@ -259,9 +251,8 @@ pub async fn create(
 
 pub async fn list(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
 ) -> Result<Json<Value>, ApiError> {
-    admin(&app, &headers)?;
     let all = app.store.list_endpoints().await?;
     Ok(Json(json!({
         "endpoints": all.iter().map(endpoint_json).collect::<Vec<_>>()
@@ -270,10 +261,9 @@ pub async fn list(
 
 pub async fn get(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    admin(&app, &headers)?;
     let e = load(&app, &endpoint_id(path)?).await?;
     Ok(Json(endpoint_json(&e)))
 }
@@ -302,11 +292,10 @@ where
 
 pub async fn update(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
     path: Result<Path<String>, PathRejection>,
     RawBody(body): RawBody,
 ) -> Result<Json<Value>, ApiError> {
-    admin(&app, &headers)?;
     let id = endpoint_id(path)?;
     let b: PatchBody = parse_body(&body)?;
     let url = b.url.as_deref().map(|u| check_url(&app, u)).transpose()?;
@@ -348,10 +337,9 @@ pub async fn update(
 
 pub async fn delete(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
-    admin(&app, &headers)?;
     let id = endpoint_id(path)?;
     if !app.store.delete_endpoint(&id).await? {
         return Err(ApiError::not_found(
@@ -365,10 +353,9 @@ pub async fn delete(
 
 pub async fn secret(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    admin(&app, &headers)?;
     let e = load(&app, &endpoint_id(path)?).await?;
     let now = now_ms();
     let secrets: Vec<Value> = e
@@ -395,11 +382,10 @@ struct RotateBody {
 /// signature) until the overlap ends, so receivers can switch at leisure.
 pub async fn rotate(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
     path: Result<Path<String>, PathRejection>,
     RawBody(body): RawBody,
 ) -> Result<Json<Value>, ApiError> {
-    admin(&app, &headers)?;
     let id = endpoint_id(path)?;
     let b: RotateBody = if body.iter().all(u8::is_ascii_whitespace) {
         RotateBody::default()
@@ -460,11 +446,10 @@ fn attempt_json(a: &AttemptView) -> Value {
 
 pub async fn attempts(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
     path: Result<Path<String>, PathRejection>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    admin(&app, &headers)?;
     let id = endpoint_id(path)?;
     let pairs = query_pairs(raw.as_deref());
     let limit = match query_value(&pairs, "limit") {
@@ -507,11 +492,10 @@ struct ReplayBody {
 /// endpoint (each with its original `webhook-id`).
 pub async fn replay(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _admin: Admin,
     path: Result<Path<String>, PathRejection>,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    admin(&app, &headers)?;
     let id = endpoint_id(path)?;
     let b: ReplayBody = parse_body(&body)?;
     let endpoint = load(&app, &id).await?;

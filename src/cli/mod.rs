@@ -5,6 +5,7 @@
 
 pub mod listen;
 pub mod serve;
+pub mod token;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +26,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Tail channels in the terminal, or forward each event, signed, to a local URL.
     Listen(listen::ListenArgs),
+    /// Mint an HS256 subscriber token (JWT) and print it.
+    Token(token::TokenArgs),
 }
 
 /// Runs the CLI; the return value is the process exit code.
@@ -32,5 +35,6 @@ pub async fn run(cli: Cli) -> i32 {
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
         Command::Listen(args) => listen::run(args).await,
+        Command::Token(args) => token::run(args),
     }
 }
