@@ -52,6 +52,10 @@ pub const RESPONSE_BODY_KEPT: usize = 4096;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// Attempts recorded in one transaction at most.
 const RECORD_BATCH: usize = 256;
+/// With fewer free workers than this, a finished attempt waits
+/// `COALESCE_WAIT` for others before the next claim.
+const COALESCE_FREE_SLOTS: usize = 8;
+const COALESCE_WAIT: Duration = Duration::from_millis(1);
 /// Claims in a row before the scheduler waits again (a bound, not a tuning knob).
 const MAX_CLAIM_ROUNDS: usize = 64;
 /// Added to the request timeouts to make a lease: a lease must outlive its attempt.
@@ -462,6 +466,7 @@ impl Deliverer {
                 .min(refresh_at.saturating_duration_since(Instant::now()));
             tokio::select! {
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    let workers = sched.workers;
                     let mut finish = |done: Result<(String, Option<i64>), tokio::task::JoinError>| {
                         if let Ok((id, retry_at)) = done {
                             sched.finished(&id, retry_at);
@@ -470,6 +475,14 @@ impl Deliverer {
                     finish(done);
                     while let Some(done) = tasks.try_join_next() {
                         finish(done);
+                    }
+                    // Under load, let a few more attempts finish so one
+                    // claim (one transaction) refills several slots.
+                    if tasks.len() + COALESCE_FREE_SLOTS > workers {
+                        tokio::time::sleep(COALESCE_WAIT).await;
+                        while let Some(done) = tasks.try_join_next() {
+                            finish(done);
+                        }
                     }
                 }
                 _ = self.wake_workers.notified() => {}

@@ -129,8 +129,10 @@ pub trait Store: Send + Sync + 'static {
     async fn close(&self);
 
     // ---- Outbound webhooks (`deliver`) --------------------------------------
-    // Types and invariants: `store::outbound`. Every write is durable before
-    // it returns, like `append`.
+    // Types and invariants: `store::outbound`. Writes the API acknowledges
+    // (endpoints, replays) are durable before they return, like `append`.
+    // Claims, attempt results and the dispatcher's pages may skip their own
+    // sync: losing them in a crash only repeats deliveries (at least once).
 
     /// Events of every channel with seq > `after`, in log order, at most
     /// `limit`; `scanned_to` as for `read`. The outbox dispatcher and replay

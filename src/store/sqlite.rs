@@ -10,7 +10,10 @@
 //! - every connection runs `journal_mode=WAL` and the configured
 //!   `synchronous` (`FULL` by default: a commit is on disk when it returns);
 //! - committed batches go to the commit feed from the writer thread, after
-//!   the commit, in seq order.
+//!   the commit, in seq order;
+//! - outbound-webhook bookkeeping (claims, attempt results, the dispatcher's
+//!   pages) commits without its own sync (`write_relaxed`): it is never
+//!   acknowledged to anyone, and losing it only repeats a delivery.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -212,6 +215,32 @@ impl SqliteStore {
         rx.await
             .map_err(|_| StoreError::Closed)?
             .map_err(unavailable)
+    }
+
+    /// Like `write`, but commits without waiting for the disk
+    /// (`synchronous=NORMAL` for this transaction only). Only for delivery
+    /// bookkeeping that nobody is told about: in WAL mode the commit is in
+    /// the log file at once (a killed process loses nothing) and is synced by
+    /// the next synced commit; a power cut may lose the last few, which only
+    /// repeats work — a lost lease or attempt result means the delivery is
+    /// attempted again, a lost outbox page is queued again.
+    async fn write_relaxed<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection, Seq) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let configured = self.synchronous.clone();
+        self.write(move |c, head| {
+            let relax = !configured.eq_ignore_ascii_case("normal");
+            if relax {
+                c.pragma_update(None, "synchronous", "NORMAL")?;
+            }
+            let result = f(c, head);
+            if relax {
+                c.pragma_update(None, "synchronous", &configured)?;
+            }
+            result
+        })
+        .await
     }
 
     fn sender(&self) -> Result<mpsc::Sender<WriteCmd>, StoreError> {
@@ -782,11 +811,11 @@ fn insert_deliveries(
         if meta_seq(&tx, "outbox_cursor")? != advance.from {
             return Ok(false);
         }
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO meta (key, value) VALUES ('outbox_cursor', ?1)
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            params![advance.to.to_string()],
-        )?;
+        )?
+        .execute(params![advance.to.to_string()])?;
     }
     let now = now_ms();
     {
@@ -897,11 +926,8 @@ fn insert_attempts(c: &mut Connection, outcomes: &[AttemptOutcome]) -> rusqlite:
 
 fn insert_attempt(tx: &Connection, o: &AttemptOutcome) -> rusqlite::Result<()> {
     let exists = tx
-        .query_row(
-            "SELECT 1 FROM deliveries WHERE id = ?1",
-            params![o.delivery_id],
-            |_| Ok(()),
-        )
+        .prepare_cached("SELECT 1 FROM deliveries WHERE id = ?1")?
+        .query_row(params![o.delivery_id], |_| Ok(()))
         .optional()?
         .is_some();
     if !exists {
@@ -932,33 +958,33 @@ fn insert_attempt(tx: &Connection, o: &AttemptOutcome) -> rusqlite::Result<()> {
         NextStep::GiveUp => (FAILED, o.at_ms),
     };
     // Only the claim that holds the row (same attempt number) moves it on.
-    tx.execute(
+    tx.prepare_cached(
         "UPDATE deliveries SET status = ?3, leased = 0, next_ms = ?4, updated_ms = ?5
          WHERE id = ?1 AND attempts = ?2 AND status = 0",
-        params![o.delivery_id, o.attempt, status, next_ms, o.at_ms],
-    )?;
+    )?
+    .execute(params![o.delivery_id, o.attempt, status, next_ms, o.at_ms])?;
     match &o.health {
         Health::Succeeded => {
-            tx.execute(
+            tx.prepare_cached(
                 "UPDATE endpoints SET failing_since_ms = NULL
                  WHERE id = ?1 AND failing_since_ms IS NOT NULL",
-                params![o.endpoint_id],
-            )?;
+            )?
+            .execute(params![o.endpoint_id])?;
         }
         Health::Failed => {
-            tx.execute(
+            tx.prepare_cached(
                 "UPDATE endpoints SET failing_since_ms = ?2
                  WHERE id = ?1 AND failing_since_ms IS NULL",
-                params![o.endpoint_id, o.at_ms],
-            )?;
+            )?
+            .execute(params![o.endpoint_id, o.at_ms])?;
         }
         Health::Disable(reason) => {
-            tx.execute(
+            tx.prepare_cached(
                 "UPDATE endpoints SET enabled = 0, disabled_reason = ?2,
                      failing_since_ms = COALESCE(failing_since_ms, ?3), updated_ms = ?3
                  WHERE id = ?1 AND enabled = 1",
-                params![o.endpoint_id, reason, o.at_ms],
-            )?;
+            )?
+            .execute(params![o.endpoint_id, reason, o.at_ms])?;
         }
     }
     Ok(())
@@ -1145,8 +1171,15 @@ impl Store for SqliteStore {
         deliveries: Vec<NewDelivery>,
         advance: Option<OutboxAdvance>,
     ) -> Result<bool, StoreError> {
-        self.write(move |c, _| insert_deliveries(c, &deliveries, advance))
-            .await
+        if advance.is_some() {
+            // The dispatcher's own progress: redone after a power cut.
+            self.write_relaxed(move |c, _| insert_deliveries(c, &deliveries, advance))
+                .await
+        } else {
+            // A replay the API acknowledges.
+            self.write(move |c, _| insert_deliveries(c, &deliveries, advance))
+                .await
+        }
     }
 
     async fn claim_deliveries(
@@ -1155,12 +1188,13 @@ impl Store for SqliteStore {
         now_ms: i64,
         lease_until_ms: i64,
     ) -> Result<Claimed, StoreError> {
-        self.write(move |c, _| claim(c, &wants, now_ms, lease_until_ms))
+        self.write_relaxed(move |c, _| claim(c, &wants, now_ms, lease_until_ms))
             .await
     }
 
     async fn record_attempts(&self, outcomes: Vec<AttemptOutcome>) -> Result<(), StoreError> {
-        self.write(move |c, _| insert_attempts(c, &outcomes)).await
+        self.write_relaxed(move |c, _| insert_attempts(c, &outcomes))
+            .await
     }
 
     async fn list_attempts(
