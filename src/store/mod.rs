@@ -8,8 +8,9 @@
 //! - `(source, source_id)` is unique for `dedupe_window`, enforced by the
 //!   database, and outlives the event's own retention;
 //! - every committed batch is sent once, in log order, on the commit feed
-//!   that the hub consumes.
+//!   that the hub consumes (on a shared log: every batch any node commits).
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -128,6 +129,9 @@ pub async fn open(
 ) -> Result<(Arc<dyn Store>, CommitFeed), StoreError> {
     if let Some(path) = config.url.strip_prefix("sqlite://") {
         let (store, feed) = sqlite::SqliteStore::open(path, &config.synchronous)?;
+        Ok((Arc::new(store), feed))
+    } else if config.url.starts_with("postgres://") || config.url.starts_with("postgresql://") {
+        let (store, feed) = postgres::PostgresStore::open(&config.url, config.pool_size).await?;
         Ok((Arc::new(store), feed))
     } else {
         Err(StoreError::Unavailable(format!(

@@ -141,6 +141,21 @@ impl SseClient {
         SseClient { stream: Box::pin(resp.bytes_stream()), buf: Vec::new(), headers, comments: 0, retry: None }
     }
 
+    /// Like `connect`, but a refused or failed connection is an error, not
+    /// a panic (for clients that reconnect elsewhere, as browsers do).
+    pub async fn try_connect(client: &reqwest::Client, url: &str, last_event_id: Option<&str>) -> Result<SseClient, String> {
+        let mut req = client.get(url).header("accept", "text/event-stream").timeout(Duration::from_secs(3600));
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        let resp = req.send().await.map_err(|e| e.to_string())?;
+        if resp.status() != 200 {
+            return Err(format!("status {}", resp.status()));
+        }
+        let headers = resp.headers().clone();
+        Ok(SseClient { stream: Box::pin(resp.bytes_stream()), buf: Vec::new(), headers, comments: 0, retry: None })
+    }
+
     /// The next event (comments and `retry:` are consumed along the way).
     /// Panics after `timeout`.
     pub async fn next_timeout(&mut self, timeout: Duration) -> Option<SseEvent> {

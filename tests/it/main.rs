@@ -3,3 +3,7 @@
 
 mod common;
 mod core;
+mod multinode;
+mod pg;
+mod pg_store;
+mod store_suite;
