@@ -1,18 +1,21 @@
 //! `pushgate-bench pg`: the PostgreSQL log with one and with three nodes.
 //!
-//! Starts N pushgate nodes (in this process, on loopback ports) on a fresh
-//! database, floods them with durable publishes from 64 concurrent
-//! publishers (publisher i talks to node i mod N), and reads everything back
-//! over SSE on every node. Prints one JSON object per node count:
+//! Starts N pushgate nodes (each its own process, the release binary, on a
+//! loopback port) on a fresh database, floods them with durable publishes
+//! from 64 concurrent publishers (publisher i talks to node i mod N), and
+//! reads everything back over SSE on every node. Reports per node count:
 //! acknowledged appends/s, publish latency, and publish→receive latency of
-//! events received on a node other than the one they were published on.
+//! events received on a node other than the one they were published on
+//! (the bench process stamps the send time and reads the receive time, so
+//! one clock measures both).
 //! Then measures what the append lock costs PostgreSQL by itself (`lock`):
 //! single-row transactions per second from many connections, with and
 //! without `pg_advisory_xact_lock`.
 //!
 //! Options: `--url postgres://…/postgres` (maintenance database; default
 //! `postgres://postgres@127.0.0.1:5432/postgres`), `--publishers 64`,
-//! `--seconds 10`, `--nodes 1,3`.
+//! `--seconds 10`, `--nodes 1,3`. The result is one JSON object; each run
+//! is also printed to stderr as it finishes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,61 +25,36 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use sqlx::{ConnectOptions, Connection, Executor};
 
-struct Options {
-    url: String,
-    publishers: usize,
-    seconds: u64,
-    nodes: Vec<usize>,
-}
+use crate::Opts;
+use crate::target::Target;
 
-fn parse_args(args: &[String]) -> Options {
-    let mut o = Options {
-        url: "postgres://postgres@127.0.0.1:5432/postgres".into(),
-        publishers: 64,
-        seconds: 10,
-        nodes: vec![1, 3],
-    };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = || it.next().cloned().unwrap_or_default();
-        match a.as_str() {
-            "--url" => o.url = value(),
-            "--publishers" => o.publishers = value().parse().expect("--publishers N"),
-            "--seconds" => o.seconds = value().parse().expect("--seconds N"),
-            "--nodes" => {
-                o.nodes = value()
-                    .split(',')
-                    .map(|n| n.parse().expect("--nodes 1,3"))
-                    .collect()
-            }
-            other => {
-                eprintln!("pushgate-bench pg: unknown option {other}");
-                std::process::exit(2);
-            }
-        }
-    }
-    o
-}
-
-pub fn run(args: &[String]) {
-    let options = parse_args(args);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async move {
-        for &nodes in &options.nodes {
-            let db = ScratchDb::create(&options.url).await;
-            let result = flood(&db.url, nodes, &options).await;
-            println!("{result}");
-            db.drop_now().await;
-        }
-        let db = ScratchDb::create(&options.url).await;
-        for conns in [3usize, 64] {
-            println!("{}", lock_cost(&db.url, conns, options.seconds.min(5)).await);
-        }
+pub async fn pg(opts: &Opts) -> Result<Value, String> {
+    let url = opts.str("url", "postgres://postgres@127.0.0.1:5432/postgres");
+    let publishers: usize = opts.get("publishers", 64);
+    let seconds: u64 = opts.get("seconds", 10);
+    let node_counts: Vec<usize> = opts
+        .str("nodes", "1,3")
+        .split(',')
+        .map(|n| n.parse().map_err(|_| format!("--nodes: `{n}` is not a number")))
+        .collect::<Result<_, _>>()?;
+    let mut runs = Vec::new();
+    for &nodes in &node_counts {
+        let db = ScratchDb::create(&url).await?;
+        let result = flood(&db.url, nodes, publishers, seconds).await;
         db.drop_now().await;
-    });
+        let result = result?;
+        eprintln!("{result}");
+        runs.push(result);
+    }
+    let db = ScratchDb::create(&url).await?;
+    let mut lock = Vec::new();
+    for conns in [3usize, 64] {
+        let r = lock_cost(&db.url, conns, seconds.min(5)).await;
+        eprintln!("{r}");
+        lock.push(r);
+    }
+    db.drop_now().await;
+    Ok(json!({"mode": "pg", "target": "pushgate", "runs": runs, "lock": lock}))
 }
 
 struct ScratchDb {
@@ -86,7 +64,7 @@ struct ScratchDb {
 }
 
 impl ScratchDb {
-    async fn create(maintenance: &str) -> ScratchDb {
+    async fn create(maintenance: &str) -> Result<ScratchDb, String> {
         let name = format!("pushgate_bench_{}", std::process::id());
         let mut c = connect(maintenance).await;
         c.execute(sqlx::AssertSqlSafe(format!(
@@ -97,13 +75,13 @@ impl ScratchDb {
         c.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .await
             .expect("create bench database");
-        let mut url = url::Url::parse(maintenance).expect("--url");
+        let mut url = url::Url::parse(maintenance).map_err(|e| format!("--url: {e}"))?;
         url.set_path(&format!("/{name}"));
-        ScratchDb {
+        Ok(ScratchDb {
             maintenance: maintenance.to_string(),
             name,
             url: url.to_string(),
-        }
+        })
     }
 
     async fn drop_now(self) {
@@ -134,38 +112,35 @@ fn ms(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-async fn flood(db_url: &str, nodes: usize, o: &Options) -> Value {
+/// N nodes (separate `pushgate serve` processes, release binary) on one
+/// database; `publishers` concurrent publishers, publisher i on node i mod N.
+async fn flood(db_url: &str, nodes: usize, publishers: usize, seconds: u64) -> Result<Value, String> {
     let epoch = Instant::now();
-    let mut bases = Vec::new();
-    let mut shutdowns = Vec::new();
-    let mut handles = Vec::new();
+    let mut targets = Vec::new();
     for _ in 0..nodes {
-        let mut config = pushgate::config::Config::load(None, Vec::new()).expect("config");
-        config.store.url = db_url.to_string();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        bases.push(format!("http://{}", listener.local_addr().unwrap()));
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        shutdowns.push(tx);
-        handles.push(tokio::spawn(pushgate::serve(listener, config, async move {
-            let _ = rx.await;
-        })));
+        targets.push(Target::start("pushgate", &[("PUSHGATE_STORE__URL", db_url)]).await?);
     }
+    let bases: Vec<String> = targets.iter().map(|t| format!("http://{}", t.addr)).collect();
     let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(o.publishers)
+        .pool_max_idle_per_host(publishers)
         .build()
         .unwrap();
     for base in &bases {
+        let mut ready = false;
         for _ in 0..200 {
             if let Ok(r) = client.get(format!("{base}/readyz")).send().await
                 && r.status().is_success()
             {
+                ready = true;
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        if !ready {
+            return Err(format!("{base} never became ready"));
+        }
     }
+    let cpu0: Vec<u64> = targets.iter().map(|t| t.cpu_us()).collect();
 
     // One SSE reader per node, recording the latency of events published elsewhere.
     let mut readers = Vec::new();
@@ -208,7 +183,7 @@ async fn flood(db_url: &str, nodes: usize, o: &Options) -> Value {
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut publishers = Vec::new();
-    for p in 0..o.publishers {
+    for p in 0..publishers {
         let client = client.clone();
         let node = p % nodes;
         let url = format!("{}/v1/publish", bases[node]);
@@ -235,7 +210,7 @@ async fn flood(db_url: &str, nodes: usize, o: &Options) -> Value {
         }));
     }
     let started = Instant::now();
-    tokio::time::sleep(Duration::from_secs(o.seconds)).await;
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
     stop.store(true, Ordering::Relaxed);
     let mut publish_ms = Vec::new();
     let mut failed = 0;
@@ -260,19 +235,17 @@ async fn flood(db_url: &str, nodes: usize, o: &Options) -> Value {
         received.push(n);
         cross_ms.extend(c);
     }
-    for tx in shutdowns {
-        let _ = tx.send(());
-    }
-    for h in handles {
-        let _ = h.await;
-    }
+    let cpu_s: f64 = targets
+        .iter()
+        .zip(cpu0)
+        .map(|(t, c0)| (t.cpu_us() - c0) as f64 / 1e6)
+        .sum();
+    drop(targets);
     publish_ms.sort_by(f64::total_cmp);
     cross_ms.sort_by(f64::total_cmp);
-    json!({
-        "mode": "pg",
-        "target": "pushgate",
+    Ok(json!({
         "nodes": nodes,
-        "publishers": o.publishers,
+        "publishers": publishers,
         "seconds": ms(elapsed),
         "acknowledged": publish_ms.len(),
         "failed": failed,
@@ -283,7 +256,8 @@ async fn flood(db_url: &str, nodes: usize, o: &Options) -> Value {
         "cross_node_samples": cross_ms.len(),
         "cross_node_p50_ms": ms(percentile(&cross_ms, 0.5)),
         "cross_node_p99_ms": ms(percentile(&cross_ms, 0.99)),
-    })
+        "server_cpu_s": ms(cpu_s),
+    }))
 }
 
 /// Single-row durable transactions per second from `conns` connections,
@@ -296,7 +270,6 @@ async fn lock_cost(db_url: &str, conns: usize, seconds: u64) -> Value {
         .await
         .expect("probe table");
     let mut out = serde_json::Map::new();
-    out.insert("mode".into(), "pg-lock".into());
     out.insert("connections".into(), conns.into());
     for locked in [false, true] {
         let stop = Arc::new(AtomicBool::new(false));
