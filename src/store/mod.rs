@@ -131,7 +131,13 @@ pub async fn open(
         let (store, feed) = sqlite::SqliteStore::open(path, &config.synchronous)?;
         Ok((Arc::new(store), feed))
     } else if config.url.starts_with("postgres://") || config.url.starts_with("postgresql://") {
-        let (store, feed) = postgres::PostgresStore::open(&config.url, config.pool_size).await?;
+        // Spawned so this future does not carry sqlx's borrowed executors
+        // (whose Send proofs rustc cannot always carry through `serve`).
+        let (url, pool_size) = (config.url.clone(), config.pool_size);
+        let (store, feed) =
+            tokio::spawn(async move { postgres::PostgresStore::open(&url, pool_size).await })
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))??;
         Ok((Arc::new(store), feed))
     } else {
         Err(StoreError::Unavailable(format!(

@@ -190,7 +190,13 @@ impl PostgresStore {
 async fn migrate_and_tag(options: &PgConnectOptions) -> Result<String, StoreError> {
     let mut conn: PgConnection = options.connect().await.map_err(unavailable)?;
     let result = async {
-        MIGRATOR.run(&mut conn).await.map_err(unavailable)?;
+        // `run_direct` is `run` on a connection we own (sqlx's own way
+        // around `run`'s higher-ranked `Acquire` bound, which spawned
+        // futures cannot prove); it takes the same advisory lock.
+        MIGRATOR
+            .run_direct(None, &mut conn, false)
+            .await
+            .map_err(unavailable)?;
         sqlx::query(
             "INSERT INTO meta (key, value) VALUES ('log_tag', $1) ON CONFLICT (key) DO NOTHING",
         )
@@ -700,7 +706,7 @@ impl Store for PostgresStore {
 /// agree; appends are not blocked (pruning never takes the append lock).
 async fn prune(pool: &PgPool, retention: Retention) -> Result<u64, sqlx::Error> {
     let mut removed = 0u64;
-    let mut now = 0;
+    let mut now: i64;
     loop {
         let head: Seq;
         (head, now) = sqlx::query_as(

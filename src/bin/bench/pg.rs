@@ -182,13 +182,13 @@ async fn flood(db_url: &str, nodes: usize, publishers: usize, seconds: u64) -> R
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let mut publishers = Vec::new();
+    let mut tasks = Vec::new();
     for p in 0..publishers {
         let client = client.clone();
         let node = p % nodes;
         let url = format!("{}/v1/publish", bases[node]);
         let stop = stop.clone();
-        publishers.push(tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut failed = 0u64;
             while !stop.load(Ordering::Relaxed) {
@@ -214,8 +214,8 @@ async fn flood(db_url: &str, nodes: usize, publishers: usize, seconds: u64) -> R
     stop.store(true, Ordering::Relaxed);
     let mut publish_ms = Vec::new();
     let mut failed = 0;
-    for p in publishers {
-        let (l, f) = p.await.unwrap();
+    for t in tasks {
+        let (l, f) = t.await.unwrap();
         publish_ms.extend(l);
         failed += f;
     }
