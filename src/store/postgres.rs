@@ -128,7 +128,10 @@ fn pool_options(max: u32) -> PgPoolOptions {
 
 impl PostgresStore {
     /// Migrates the database, then starts this node's writer and tailer.
-    pub async fn open(url: &str, pool_size: u32) -> Result<(PostgresStore, CommitFeed), StoreError> {
+    pub async fn open(
+        url: &str,
+        pool_size: u32,
+    ) -> Result<(PostgresStore, CommitFeed), StoreError> {
         let options = connect_options(url)?;
         let tag = tokio::time::timeout(GROUP_TIMEOUT, migrate_and_tag(&options))
             .await
@@ -748,8 +751,8 @@ async fn prune(pool: &PgPool, retention: Retention) -> Result<u64, sqlx::Error> 
     if retention.dedupe_window_ms < i64::MAX {
         sqlx::query("DELETE FROM dedupe WHERE time_ms < $1")
             .bind(now.saturating_sub(retention.dedupe_window_ms))
-        .execute(pool)
-        .await?;
+            .execute(pool)
+            .await?;
     }
     Ok(removed)
 }

@@ -171,8 +171,15 @@ impl SseClient {
 
     /// Like `connect`, but a refused or failed connection is an error, not
     /// a panic (for clients that reconnect elsewhere, as browsers do).
-    pub async fn try_connect(client: &reqwest::Client, url: &str, last_event_id: Option<&str>) -> Result<SseClient, String> {
-        let mut req = client.get(url).header("accept", "text/event-stream").timeout(Duration::from_secs(3600));
+    pub async fn try_connect(
+        client: &reqwest::Client,
+        url: &str,
+        last_event_id: Option<&str>,
+    ) -> Result<SseClient, String> {
+        let mut req = client
+            .get(url)
+            .header("accept", "text/event-stream")
+            .timeout(Duration::from_secs(3600));
         if let Some(id) = last_event_id {
             req = req.header("last-event-id", id);
         }
@@ -181,7 +188,13 @@ impl SseClient {
             return Err(format!("status {}", resp.status()));
         }
         let headers = resp.headers().clone();
-        Ok(SseClient { stream: Box::pin(resp.bytes_stream()), buf: Vec::new(), headers, comments: 0, retry: None })
+        Ok(SseClient {
+            stream: Box::pin(resp.bytes_stream()),
+            buf: Vec::new(),
+            headers,
+            comments: 0,
+            retry: None,
+        })
     }
 
     /// The next event (comments and `retry:` are consumed along the way).

@@ -340,7 +340,11 @@ fn check_batches(log: &[Value], acked: &BTreeMap<String, Vec<String>>, batch: us
             .push((seq_of(&id), e["data"]["i"].as_i64().unwrap(), id));
     }
     for (key, events) in &by_batch {
-        assert_eq!(events.len(), batch, "batch {key} is half-written: {events:?}");
+        assert_eq!(
+            events.len(),
+            batch,
+            "batch {key} is half-written: {events:?}"
+        );
         for (k, (seq, i, _)) in events.iter().enumerate() {
             assert_eq!(*i, k as i64, "batch {key} in order");
             assert_eq!(*seq, events[0].0 + k as i64, "batch {key} consecutive");
@@ -353,7 +357,10 @@ fn check_batches(log: &[Value], acked: &BTreeMap<String, Vec<String>>, batch: us
             .iter()
             .map(|(_, _, id)| id.clone())
             .collect();
-        assert_eq!(&stored, ids, "batch {key} stored under its acknowledged cursors");
+        assert_eq!(
+            &stored, ids,
+            "batch {key} stored under its acknowledged cursors"
+        );
     }
 }
 
@@ -380,7 +387,11 @@ async fn three_nodes_every_subscriber_sees_the_same_log() {
 
     let log = read_log(&nodes[2].client, &bases[2], ALL).await;
     check_batches(&log, &acked, 2);
-    assert_eq!(log.len(), acked.len() * 2, "nothing but what was acknowledged");
+    assert_eq!(
+        log.len(),
+        acked.len() * 2,
+        "nothing but what was acknowledged"
+    );
     let expected = ids_of(&log);
     let last = expected.last().unwrap().clone();
     for (i, f) in followers.iter().enumerate() {
@@ -425,6 +436,11 @@ async fn killing_a_node_mid_flood_loses_nothing_for_clients_that_resume_elsewher
     let acked = flood.finish().await;
 
     let log = read_log(&a.client, &a.base, ALL).await;
+    eprintln!(
+        "kill: {} batches acknowledged ({at_kill} before the kill), {} events in the log",
+        acked.len(),
+        log.len()
+    );
     check_batches(&log, &acked, 2);
     let expected = ids_of(&log);
     let last = expected.last().unwrap().clone();
@@ -469,7 +485,10 @@ async fn restarting_postgres_mid_flood_refuses_cleanly_then_recovers_losing_noth
     wait_ready(&b.client, &b.base, false, Duration::from_secs(15)).await;
     let deadline = Instant::now() + Duration::from_secs(15);
     while flood.refused.load(Ordering::Relaxed) == 0 {
-        assert!(Instant::now() < deadline, "no publish was refused while PostgreSQL was down");
+        assert!(
+            Instant::now() < deadline,
+            "no publish was refused while PostgreSQL was down"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let acked_while_down = flood.acked();
@@ -490,9 +509,16 @@ async fn restarting_postgres_mid_flood_refuses_cleanly_then_recovers_losing_noth
     flood
         .until_acked(acked_while_down + 100, Duration::from_secs(60))
         .await;
+    let flood_refused = flood.refused.clone();
     let acked = flood.finish().await;
 
     let log = read_log(&a.client, &a.base, ALL).await;
+    eprintln!(
+        "restart: {} batches acknowledged, {} refused while down, {} events in the log",
+        acked.len(),
+        flood_refused.load(Ordering::Relaxed),
+        log.len()
+    );
     check_batches(&log, &acked, 3);
     let expected = ids_of(&log);
     let last = expected.last().unwrap().clone();

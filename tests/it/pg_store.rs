@@ -248,7 +248,11 @@ async fn an_appender_waits_for_the_lock_holder_so_no_seq_is_passed_over() {
 
     tx.commit().await.unwrap();
     let out = appender.await.unwrap().unwrap();
-    assert_eq!(out[0].seqs, vec![3], "the appender continues after the holder");
+    assert_eq!(
+        out[0].seqs,
+        vec![3],
+        "the appender continues after the holder"
+    );
     let page = store.read(&["a".into()], 1, 100).await.unwrap();
     assert_eq!(
         page.events.iter().map(|e| e.seq).collect::<Vec<_>>(),

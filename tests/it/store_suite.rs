@@ -222,10 +222,7 @@ pub async fn batches_are_consecutive_and_multi_channel_messages_share_a_key(log:
     let fed = feed_events(&mut feed, 5).await;
     let channels: Vec<&str> = fed.iter().map(|e| e.channel.as_str()).collect();
     assert_eq!(channels, ["x", "a", "b", "c", "y"]);
-    let page = store
-        .read(&["c".into(), "y".into()], 2, 100)
-        .await
-        .unwrap();
+    let page = store.read(&["c".into(), "y".into()], 2, 100).await.unwrap();
     assert_eq!(
         page.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
         vec![4, 5]
@@ -283,7 +280,11 @@ pub async fn concurrent_appends_are_dense_ordered_and_deduped(log: Log) {
         .filter(|a| a.duplicate)
         .map(|a| a.seqs[0])
         .collect();
-    assert_eq!(firsts.len(), 1, "every duplicate names the same first cursor");
+    assert_eq!(
+        firsts.len(),
+        1,
+        "every duplicate names the same first cursor"
+    );
 
     let fed = feed_events(&mut feed, total).await;
     assert_eq!(

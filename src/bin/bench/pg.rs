@@ -35,7 +35,10 @@ pub async fn pg(opts: &Opts) -> Result<Value, String> {
     let node_counts: Vec<usize> = opts
         .str("nodes", "1,3")
         .split(',')
-        .map(|n| n.parse().map_err(|_| format!("--nodes: `{n}` is not a number")))
+        .map(|n| {
+            n.parse()
+                .map_err(|_| format!("--nodes: `{n}` is not a number"))
+        })
         .collect::<Result<_, _>>()?;
     let mut runs = Vec::new();
     for &nodes in &node_counts {
@@ -114,13 +117,21 @@ fn ms(x: f64) -> f64 {
 
 /// N nodes (separate `pushgate serve` processes, release binary) on one
 /// database; `publishers` concurrent publishers, publisher i on node i mod N.
-async fn flood(db_url: &str, nodes: usize, publishers: usize, seconds: u64) -> Result<Value, String> {
+async fn flood(
+    db_url: &str,
+    nodes: usize,
+    publishers: usize,
+    seconds: u64,
+) -> Result<Value, String> {
     let epoch = Instant::now();
     let mut targets = Vec::new();
     for _ in 0..nodes {
         targets.push(Target::start("pushgate", &[("PUSHGATE_STORE__URL", db_url)]).await?);
     }
-    let bases: Vec<String> = targets.iter().map(|t| format!("http://{}", t.addr)).collect();
+    let bases: Vec<String> = targets
+        .iter()
+        .map(|t| format!("http://{}", t.addr))
+        .collect();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(publishers)
         .build()
