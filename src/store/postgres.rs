@@ -191,6 +191,8 @@ impl PostgresStore {
 /// then reads or sets the log tag. Nodes racing here agree on one tag: the
 /// first insert wins and everyone reads it back.
 async fn migrate_and_tag(options: &PgConnectOptions) -> Result<String, StoreError> {
+    // A migration (or waiting for another node's) may take longer than an append.
+    let options = options.clone().options([("statement_timeout", "0")]);
     let mut conn: PgConnection = options.connect().await.map_err(unavailable)?;
     let result = async {
         // `run_direct` is `run` on a connection we own (sqlx's own way

@@ -104,11 +104,20 @@ impl Drop for PgTestDb {
     }
 }
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
-
+/// PostgreSQL's server tools: `PUSHGATE_TEST_PG_BIN`, or the newest
+/// `/usr/lib/postgresql/<version>/bin` (Debian's layout).
 fn pg_bin(name: &str) -> PathBuf {
-    let dir = std::env::var("PUSHGATE_TEST_PG_BIN").unwrap_or_else(|_| PG_BIN.to_string());
-    Path::new(&dir).join(name)
+    if let Ok(dir) = std::env::var("PUSHGATE_TEST_PG_BIN") {
+        return Path::new(&dir).join(name);
+    }
+    let newest = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .max()
+        .expect("PostgreSQL server tools not found in /usr/lib/postgresql (scripts/test.sh installs them)");
+    PathBuf::from(format!("/usr/lib/postgresql/{newest}/bin")).join(name)
 }
 
 fn running_as_root() -> bool {

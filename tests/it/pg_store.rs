@@ -261,3 +261,75 @@ async fn an_appender_waits_for_the_lock_holder_so_no_seq_is_passed_over() {
     assert_eq!(drain_until(&mut feed, 3).await, vec![1, 2, 3]);
     store.close().await;
 }
+
+/// The commit feed does not depend on notifications arriving: a commit that
+/// sends none (a lost notification) and a listener connection killed by the
+/// server both delay events, never lose them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_notifications_and_a_dropped_listener_lose_nothing() {
+    use pushgate::store::postgres::APPEND_LOCK;
+    let db = PgTestDb::create().await;
+    let (a, mut feed_a) = node(&db).await;
+    let (b, mut feed_b) = node(&db).await;
+
+    // An append that notifies no one.
+    let mut raw = db.connect().await;
+    let mut tx = raw.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(APPEND_LOCK)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO events (seq, channel, type, source, source_id, time_ms, data)
+         VALUES (1, 'a', 't', 'publish', NULL, 0, '{}')",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE log_state SET head = 1")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(drain_until(&mut feed_a, 1).await, vec![1]);
+    assert_eq!(drain_until(&mut feed_b, 1).await, vec![1]);
+
+    // Cut every node's notification connection, then append on B.
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
+    )
+    .fetch_all(&mut raw)
+    .await
+    .unwrap();
+    assert_eq!(killed, vec![true, true], "both listeners were cut");
+    b.append(vec![msg("a", None), msg("b", None), msg("c", None)])
+        .await
+        .unwrap();
+    assert_eq!(drain_until(&mut feed_a, 4).await, vec![2, 3, 4]);
+    assert_eq!(drain_until(&mut feed_b, 4).await, vec![2, 3, 4]);
+    // And the listeners come back by themselves.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let listening: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
+        )
+        .fetch_one(&mut raw)
+        .await
+        .unwrap();
+        if listening == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{listening} listeners"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a.append(vec![msg("a", None)]).await.unwrap();
+    assert_eq!(drain_until(&mut feed_b, 5).await, vec![5]);
+    a.close().await;
+    b.close().await;
+}
