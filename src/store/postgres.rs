@@ -223,18 +223,9 @@ async fn migrate_and_tag(options: &PgConnectOptions) -> Result<String, StoreErro
 
 async fn run_writer(pool: PgPool, mut rx: mpsc::Receiver<AppendRequest>, wake: Arc<Notify>) {
     while let Some(first) = rx.recv().await {
-        let mut bytes = first.payload_bytes();
         let mut group = vec![first];
-        while group.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
-            match rx.try_recv() {
-                Ok(req) => {
-                    bytes += req.payload_bytes();
-                    group.push(req);
-                }
-                Err(_) => break,
-            }
-        }
-        if run_group(&pool, group).await {
+        top_up(&mut group, &mut rx);
+        if run_group(&pool, group, &mut rx).await {
             // Our own commit: no need to wait for the notification to come back.
             wake.notify_one();
         }
@@ -242,14 +233,32 @@ async fn run_writer(pool: PgPool, mut rx: mpsc::Receiver<AppendRequest>, wake: A
     // Channel closed: every sender is gone, all queued work is done.
 }
 
-/// Commits one group; replies to every request. Returns whether anything
-/// was committed.
-async fn run_group(pool: &PgPool, group: Vec<AppendRequest>) -> bool {
-    let requests: Vec<&[NewMessage]> = group.iter().map(|r| r.messages.as_slice()).collect();
-    let outcome = match tokio::time::timeout(GROUP_TIMEOUT, append_group(pool, &requests)).await {
-        Ok(result) => result,
-        Err(_) => Err(GroupError::Timeout),
-    };
+/// Adds whatever is queued to the group, within the group's bounds.
+fn top_up(group: &mut Vec<AppendRequest>, rx: &mut mpsc::Receiver<AppendRequest>) {
+    let mut bytes: usize = group.iter().map(AppendRequest::payload_bytes).sum();
+    while group.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
+        match rx.try_recv() {
+            Ok(req) => {
+                bytes += req.payload_bytes();
+                group.push(req);
+            }
+            Err(_) => break,
+        }
+    }
+}
+
+/// Commits one group (topped up from `rx` once the lock is held); replies
+/// to every request. Returns whether anything was committed.
+async fn run_group(
+    pool: &PgPool,
+    mut group: Vec<AppendRequest>,
+    rx: &mut mpsc::Receiver<AppendRequest>,
+) -> bool {
+    let outcome =
+        match tokio::time::timeout(GROUP_TIMEOUT, append_group(pool, &mut group, Some(rx))).await {
+            Ok(result) => result,
+            Err(_) => Err(GroupError::Timeout),
+        };
     match outcome {
         Ok((outcomes, wrote)) => {
             for (req, out) in group.into_iter().zip(outcomes) {
@@ -263,9 +272,11 @@ async fn run_group(pool: &PgPool, group: Vec<AppendRequest>) -> bool {
             tracing::warn!(error = %e, "group append refused; retrying its requests one by one");
             let mut wrote = false;
             for req in group {
-                let one = [req.messages.as_slice()];
+                let mut one = vec![req];
                 let result =
-                    match tokio::time::timeout(GROUP_TIMEOUT, append_group(pool, &one)).await {
+                    match tokio::time::timeout(GROUP_TIMEOUT, append_group(pool, &mut one, None))
+                        .await
+                    {
                         Ok(Ok((mut outcomes, w))) => {
                             wrote |= w;
                             Ok(outcomes.remove(0))
@@ -273,7 +284,9 @@ async fn run_group(pool: &PgPool, group: Vec<AppendRequest>) -> bool {
                         Ok(Err(e)) => Err(e.into_store_error()),
                         Err(_) => Err(GroupError::Timeout.into_store_error()),
                     };
-                let _ = req.reply.send(result);
+                if let Some(req) = one.pop() {
+                    let _ = req.reply.send(result);
+                }
             }
             wrote
         }
@@ -353,11 +366,23 @@ WITH claimed AS (
 SELECT (SELECT count(*) FROM claimed), pg_notify('pushgate_events', $11::text)";
 
 /// Appends the requests of one group in one transaction. Returns each
-/// request's outcome and whether anything new was written.
+/// request's outcome and whether anything new was written. With `more`,
+/// requests that queued while this node waited for the lock join the group
+/// once it is held: time spent waiting becomes batching, not a second wait.
 async fn append_group(
     pool: &PgPool,
-    requests: &[&[NewMessage]],
+    group: &mut Vec<AppendRequest>,
+    more: Option<&mut mpsc::Receiver<AppendRequest>>,
 ) -> Result<(Vec<Vec<Appended>>, bool), GroupError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(APPEND_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    if let Some(rx) = more {
+        top_up(group, rx);
+    }
+    let requests: Vec<&[NewMessage]> = group.iter().map(|r| r.messages.as_slice()).collect();
     let mut key_sources: Vec<&str> = Vec::new();
     let mut key_ids: Vec<&str> = Vec::new();
     for m in requests.iter().flat_map(|r| r.iter()) {
@@ -366,12 +391,6 @@ async fn append_group(
             key_ids.push(id);
         }
     }
-
-    let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(APPEND_LOCK)
-        .execute(&mut *tx)
-        .await?;
     let rows = sqlx::query(READ_STATE)
         .bind(&key_sources)
         .bind(&key_ids)

@@ -252,6 +252,13 @@ async fn flood(
         .map(|(t, c0)| (t.cpu_us() - c0) as f64 / 1e6)
         .sum();
     drop(targets);
+    // Group commit at work: how many append transactions carried the events
+    // (each row's xmin is the transaction that inserted it).
+    let (events, transactions): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT xmin::text) FROM events")
+            .fetch_one(&mut connect(db_url).await)
+            .await
+            .map_err(|e| e.to_string())?;
     publish_ms.sort_by(f64::total_cmp);
     cross_ms.sort_by(f64::total_cmp);
     Ok(json!({
@@ -268,6 +275,8 @@ async fn flood(
         "cross_node_p50_ms": ms(percentile(&cross_ms, 0.5)),
         "cross_node_p99_ms": ms(percentile(&cross_ms, 0.99)),
         "server_cpu_s": ms(cpu_s),
+        "append_transactions": transactions,
+        "events_per_transaction": ms(events as f64 / transactions.max(1) as f64),
     }))
 }
 
