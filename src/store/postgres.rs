@@ -9,8 +9,9 @@
 //!   (docs/architecture.md, "Cursor order on PostgreSQL");
 //! - each node's writer task drains every append waiting in its queue into
 //!   one transaction (group commit), so one lock hold and one WAL flush
-//!   acknowledge many publishers; the lock is held for three statements and
-//!   the commit, never while waiting for clients;
+//!   acknowledge many publishers; requests that queue while it waits for
+//!   the lock join the group once the lock is held; the lock is held for
+//!   three statements and the commit, never while waiting for clients;
 //! - seqs are dense: the head lives in `log_state` and a failed transaction
 //!   rolls it back with everything else — nothing is ever half-written;
 //! - `(source, source_id)` is unique in `dedupe`, which outlives retention;
