@@ -187,14 +187,20 @@ impl SseClient {
         if resp.status() != 200 {
             return Err(format!("status {}", resp.status()));
         }
+        Ok(SseClient::from_response(resp))
+    }
+
+    /// Wraps an already-sent request's response (for custom headers).
+    pub fn from_response(resp: reqwest::Response) -> SseClient {
+        assert_eq!(resp.status(), 200, "SSE status");
         let headers = resp.headers().clone();
-        Ok(SseClient {
+        SseClient {
             stream: Box::pin(resp.bytes_stream()),
             buf: Vec::new(),
             headers,
             comments: 0,
             retry: None,
-        })
+        }
     }
 
     /// The next event (comments and `retry:` are consumed along the way).
