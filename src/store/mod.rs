@@ -147,6 +147,18 @@ pub async fn open(
     }
 }
 
+/// The store URL for logs and banners: a password in it (PostgreSQL) is
+/// replaced by `***`, because secrets are never printed.
+pub fn redacted_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
 /// A resume point as a client wrote it, checked against the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resume {
@@ -260,6 +272,19 @@ mod tests {
                 "{junk}"
             );
         }
+    }
+
+    #[test]
+    fn store_urls_are_printed_without_passwords() {
+        assert_eq!(
+            redacted_url("postgres://pushgate:s3cret@db:5432/log"),
+            "postgres://pushgate:***@db:5432/log"
+        );
+        assert_eq!(
+            redacted_url("postgres://pushgate@db/log"),
+            "postgres://pushgate@db/log"
+        );
+        assert_eq!(redacted_url("sqlite://pushgate.db"), "sqlite://pushgate.db");
     }
 
     #[test]
