@@ -74,7 +74,10 @@ fn print_banner(config: &Config, addr: std::net::SocketAddr) {
         "  publish:    curl -X POST {base}/v1/publish -d '{{\"channel\":\"news\",\"type\":\"hello\",\"data\":{{\"msg\":\"hi\"}}}}'"
     );
     println!("  subscribe:  curl -N '{base}/v1/stream?channel=news'");
-    println!("  log:        {}", config.store.url);
+    println!(
+        "  log:        {}",
+        crate::store::redacted_url(&config.store.url)
+    );
     if config.auth.is_development() {
         println!();
         println!("  !! DEVELOPMENT MODE: no keys are configured, so no key or token is required");

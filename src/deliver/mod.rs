@@ -50,6 +50,8 @@ pub const RESPONSE_BODY_KEPT: usize = 4096;
 /// How long in-flight attempts may finish at shutdown before they are cut
 /// (their rows are leased and come back on the next start).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// The longest wait between retries of a store that keeps failing.
+const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(60);
 /// Attempts recorded in one transaction at most.
 const RECORD_BATCH: usize = 256;
 /// With fewer free workers than this, a finished attempt waits
@@ -221,6 +223,7 @@ impl Deliverer {
     pub async fn run_dispatcher(self: Arc<Self>) {
         let poll = self.config.delivery.poll_interval.0;
         let mut outbox: Option<Outbox> = None;
+        let mut backoff = poll;
         loop {
             let step = match &mut outbox {
                 Some(ob) => self.dispatch_page(ob).await,
@@ -230,11 +233,17 @@ impl Deliverer {
                 }),
             };
             match step {
-                Ok(true) => continue,
-                Ok(false) => {}
+                Ok(true) => {
+                    backoff = poll;
+                    continue;
+                }
+                Ok(false) => backoff = poll,
                 Err(e) => {
-                    tracing::warn!(error = %e, "outbox dispatcher: store error; retrying");
+                    tracing::warn!(error = %e, retry_in = ?backoff, "outbox dispatcher: store error");
                     outbox = None;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_ERROR_BACKOFF);
+                    continue;
                 }
             }
             tokio::select! {
@@ -401,6 +410,7 @@ impl Deliverer {
         let (recorder, recordings) = mpsc::channel(RECORD_BATCH);
         let recording = tokio::spawn(record(self.store.clone(), recordings));
         let mut refresh_at = Instant::now();
+        let mut list_backoff = cfg.poll_interval.0;
         loop {
             if *stop.borrow() {
                 break;
@@ -410,10 +420,16 @@ impl Deliverer {
                 .swap(false, std::sync::atomic::Ordering::AcqRel);
             if changed || Instant::now() >= refresh_at {
                 match self.store.list_endpoints().await {
-                    Ok(list) => sched.set_endpoints(&list),
-                    Err(e) => tracing::warn!(error = %e, "webhook workers: cannot list endpoints"),
+                    Ok(list) => {
+                        sched.set_endpoints(&list);
+                        list_backoff = cfg.poll_interval.0;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?list_backoff, "webhook workers: cannot list endpoints");
+                        list_backoff = (list_backoff * 2).min(MAX_ERROR_BACKOFF);
+                    }
                 }
-                refresh_at = Instant::now() + cfg.poll_interval.0;
+                refresh_at = Instant::now() + list_backoff;
             }
             for (id, due) in self.queued_hint.lock().expect("hint lock").drain() {
                 sched.hint(&id, due);

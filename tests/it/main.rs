@@ -4,5 +4,9 @@
 mod auth;
 mod common;
 mod core;
+mod multinode;
+mod pg;
+mod pg_store;
+mod store_suite;
 mod webhooks;
 mod webhooks_process;

@@ -9,9 +9,11 @@
 //!   pushgate-bench publish --concurrency 64 --seconds 5
 //!   pushgate-bench sqlite-baseline --batch 64 --seconds 5
 //!   pushgate-bench deliver --endpoints 100 --events 1000 --rate 20 --seconds 5
+//!   pushgate-bench pg      --url postgres://postgres@127.0.0.1:5432/postgres --nodes 1,3 --publishers 64
 
 mod deliver;
 mod fanout;
+mod pg;
 mod publish;
 mod target;
 
@@ -33,9 +35,10 @@ fn main() {
             "publish" => publish::publish(&opts).await,
             "sqlite-baseline" => publish::sqlite_baseline(&opts),
             "deliver" => deliver::deliver(&opts).await,
+            "pg" => pg::pg(&opts).await,
             _ => {
                 eprintln!(
-                    "usage: pushgate-bench idle|fanout|publish|sqlite-baseline|deliver [--key value]…  (see docs/benchmarks.md)"
+                    "usage: pushgate-bench idle|fanout|publish|sqlite-baseline|pg|deliver [--key value]…  (see docs/benchmarks.md)"
                 );
                 std::process::exit(2);
             }
