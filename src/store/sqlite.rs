@@ -1237,7 +1237,8 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     // The behaviour every store shares is tested by the store suite
-    // (tests/it/store_suite.rs), against SQLite and PostgreSQL alike.
+    // (tests/it/store_suite.rs), against SQLite and PostgreSQL alike. The
+    // outbound webhook block is tested here until PostgreSQL implements it.
     use super::*;
 
     #[tokio::test]
@@ -1287,7 +1288,16 @@ mod tests {
         let path = dir.path().join("log.db");
         let path = path.to_str().unwrap();
         let (store, _feed) = SqliteStore::open(path, "full").unwrap();
-        store.append(vec![msg("a", None)]).await.unwrap();
+        store
+            .append(vec![NewMessage {
+                channels: vec!["a".into()],
+                kind: "t".into(),
+                source: "publish".into(),
+                source_id: None,
+                data: RawValue::from_string("{}".into()).unwrap(),
+            }])
+            .await
+            .unwrap();
         let ep = store
             .create_endpoint(NewEndpoint {
                 id: "ep_1".into(),
