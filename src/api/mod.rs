@@ -6,6 +6,7 @@
 //! configured limit and refused with 413 while streaming, never buffered whole.
 
 pub mod error;
+pub mod inbound;
 pub mod publish;
 
 use std::net::SocketAddr;
@@ -27,6 +28,9 @@ use error::ApiError;
 pub fn router(app: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/publish", post(publish::publish))
+        .route("/webhooks/{source}", post(crate::ingest::receive))
+        .route("/v1/inbound", get(inbound::list))
+        .route("/v1/inbound/{id}", get(inbound::get))
         .route("/v1/stream", get(sse::stream))
         .route("/v1/events", get(poll::events))
         .route("/healthz", get(healthz))

@@ -3,6 +3,7 @@
 //! Owns argument parsing and what each subcommand prints; the work itself is
 //! done by the library (`serve`) so the CLI stays thin.
 
+pub mod send;
 pub mod serve;
 
 use clap::{Parser, Subcommand};
@@ -22,11 +23,14 @@ pub struct Cli {
 pub enum Command {
     /// Run the server (zero configuration: 127.0.0.1:8080, ./pushgate.db, development mode).
     Serve(serve::ServeArgs),
+    /// Sign and send a realistic sample webhook of a provider (stripe, github, shopify, standard, hmac, none).
+    Send(send::SendArgs),
 }
 
 /// Runs the CLI; the return value is the process exit code.
 pub async fn run(cli: Cli) -> i32 {
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
+        Command::Send(args) => send::run(args).await,
     }
 }

@@ -41,7 +41,9 @@ impl TestServer {
 
     /// Starts on a given directory (to restart on the same log).
     pub async fn start_in(dir: tempfile::TempDir, config: Config) -> TestServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(pushgate::serve(listener, config, async move {
@@ -61,7 +63,14 @@ impl TestServer {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        TestServer { addr, base, dir, client, shutdown: Some(tx), handle: Some(handle) }
+        TestServer {
+            addr,
+            base,
+            dir,
+            client,
+            shutdown: Some(tx),
+            handle: Some(handle),
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -95,7 +104,12 @@ impl TestServer {
     }
 
     pub async fn sse(&self, query: &str) -> SseClient {
-        SseClient::connect(&self.client, &self.url(&format!("/v1/stream?{query}")), None).await
+        SseClient::connect(
+            &self.client,
+            &self.url(&format!("/v1/stream?{query}")),
+            None,
+        )
+        .await
     }
 }
 
@@ -122,7 +136,8 @@ impl SseEvent {
 
 /// A minimal, spec-following EventSource reader over a real HTTP response.
 pub struct SseClient {
-    stream: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    stream:
+        std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
     buf: Vec<u8>,
     pub headers: reqwest::header::HeaderMap,
     pub comments: usize,
@@ -130,21 +145,36 @@ pub struct SseClient {
 }
 
 impl SseClient {
-    pub async fn connect(client: &reqwest::Client, url: &str, last_event_id: Option<&str>) -> SseClient {
-        let mut req = client.get(url).header("accept", "text/event-stream").timeout(Duration::from_secs(3600));
+    pub async fn connect(
+        client: &reqwest::Client,
+        url: &str,
+        last_event_id: Option<&str>,
+    ) -> SseClient {
+        let mut req = client
+            .get(url)
+            .header("accept", "text/event-stream")
+            .timeout(Duration::from_secs(3600));
         if let Some(id) = last_event_id {
             req = req.header("last-event-id", id);
         }
         let resp = req.send().await.expect("connect SSE");
         assert_eq!(resp.status(), 200, "SSE status for {url}");
         let headers = resp.headers().clone();
-        SseClient { stream: Box::pin(resp.bytes_stream()), buf: Vec::new(), headers, comments: 0, retry: None }
+        SseClient {
+            stream: Box::pin(resp.bytes_stream()),
+            buf: Vec::new(),
+            headers,
+            comments: 0,
+            retry: None,
+        }
     }
 
     /// The next event (comments and `retry:` are consumed along the way).
     /// Panics after `timeout`.
     pub async fn next_timeout(&mut self, timeout: Duration) -> Option<SseEvent> {
-        tokio::time::timeout(timeout, self.next()).await.expect("timed out waiting for an SSE event")
+        tokio::time::timeout(timeout, self.next())
+            .await
+            .expect("timed out waiting for an SSE event")
     }
 
     pub async fn next(&mut self) -> Option<SseEvent> {
@@ -164,10 +194,15 @@ impl SseClient {
                         None => (line, ""),
                     };
                     match field {
-                        "id" => { ev.id = Some(value.to_string()); has_field = true; }
+                        "id" => {
+                            ev.id = Some(value.to_string());
+                            has_field = true;
+                        }
                         "event" => ev.event = Some(value.to_string()),
                         "data" => {
-                            if has_field && !ev.data.is_empty() { ev.data.push('\n'); }
+                            if has_field && !ev.data.is_empty() {
+                                ev.data.push('\n');
+                            }
                             ev.data.push_str(value);
                             has_field = true;
                         }
@@ -189,5 +224,7 @@ impl SseClient {
 }
 
 fn find_blank_line(buf: &[u8]) -> Option<(usize, usize)> {
-    buf.windows(2).position(|w| w == b"\n\n").map(|p| (p, p + 2))
+    buf.windows(2)
+        .position(|w| w == b"\n\n")
+        .map(|p| (p, p + 2))
 }

@@ -34,10 +34,26 @@ async fn publish_reaches_sse_with_the_contract_envelope() {
     assert_eq!(ev.id.as_deref(), Some(id.as_str()));
     assert_eq!(ev.event, None, "no event: line, so onmessage gets it");
     let env = ev.json();
-    let keys: Vec<&str> = env.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    let keys: Vec<&str> = env
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
     let mut sorted = keys.clone();
     sorted.sort();
-    assert_eq!(sorted, ["channel", "data", "id", "source", "source_id", "time", "type"]);
+    assert_eq!(
+        sorted,
+        [
+            "channel",
+            "data",
+            "id",
+            "source",
+            "source_id",
+            "time",
+            "type"
+        ]
+    );
     assert_eq!(env["id"], id);
     assert_eq!(env["channel"], "user:42");
     assert_eq!(env["type"], "payment_intent.succeeded");
@@ -45,5 +61,8 @@ async fn publish_reaches_sse_with_the_contract_envelope() {
     assert_eq!(env["source_id"], "evt_1");
     assert_eq!(env["data"], json!({"amount": 2000}));
     let time = env["time"].as_str().unwrap();
-    assert!(time.ends_with('Z') && time.len() == 24, "RFC 3339 with millis: {time}");
+    assert!(
+        time.ends_with('Z') && time.len() == 24,
+        "RFC 3339 with millis: {time}"
+    );
 }
