@@ -33,6 +33,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/v1/inbound/{id}", get(inbound::get))
         .route("/v1/stream", get(sse::stream))
         .route("/v1/events", get(poll::events))
+        .route("/", get(dashboard))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
@@ -118,6 +119,12 @@ async fn method_not_allowed() -> ApiError {
         "method_not_allowed",
         "method not allowed on this route",
     )
+}
+
+/// The dashboard: live events, the inbound inspector, endpoints and attempts.
+/// One static page; it talks to the same admin API as everyone else.
+async fn dashboard() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("dashboard.html"))
 }
 
 async fn healthz() -> &'static str {

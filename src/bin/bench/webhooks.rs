@@ -7,7 +7,7 @@
 //!
 //! ```sh
 //! pushgate-bench webhooks --url http://127.0.0.1:8080/webhooks/demo \
-//!     --secret whsec_… --concurrency 64 --duration 20s
+//!     --secret whsec_… --concurrency 64 --seconds 20
 //! ```
 //!
 //! Every event id is new (a random run id plus a counter), so nothing is
@@ -17,52 +17,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{Value, json};
 
-struct Options {
-    url: String,
-    secret: String,
-    concurrency: usize,
-    duration: Duration,
-    warmup: Duration,
-}
-
-fn parse(args: &[String]) -> Result<Options, String> {
-    let mut o = Options {
-        url: String::new(),
-        secret: String::new(),
-        concurrency: 64,
-        duration: Duration::from_secs(20),
-        warmup: Duration::from_secs(2),
-    };
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().cloned().ok_or(format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--url" => o.url = value()?,
-            "--secret" => o.secret = value()?,
-            "--concurrency" => {
-                o.concurrency = value()?
-                    .parse()
-                    .map_err(|_| "--concurrency: a number".to_string())?
-            }
-            "--duration" => {
-                o.duration = humantime::parse_duration(&value()?).map_err(|e| e.to_string())?
-            }
-            "--warmup" => {
-                o.warmup = humantime::parse_duration(&value()?).map_err(|e| e.to_string())?
-            }
-            other => return Err(format!("unknown option {other}")),
-        }
-    }
-    if o.url.is_empty() || o.secret.is_empty() {
-        return Err("--url and --secret are required".into());
-    }
-    if o.concurrency == 0 {
-        return Err("--concurrency must be positive".into());
-    }
-    Ok(o)
-}
+use crate::Opts;
 
 /// A realistic `payment_intent.succeeded` event (about 1 KiB), unique per call.
 fn event(run: &str, sender: usize, n: u64, now: i64) -> Vec<u8> {
@@ -104,37 +61,30 @@ struct Tally {
     latencies_us: Vec<u32>,
 }
 
-pub fn main(args: &[String]) -> i32 {
-    let opts = match parse(args) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("pushgate-bench webhooks: {e}");
-            eprintln!(
-                "usage: pushgate-bench webhooks --url URL --secret WHSEC [--concurrency 64] [--duration 20s] [--warmup 2s]"
-            );
-            return 2;
-        }
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    rt.block_on(run(opts))
-}
-
-async fn run(opts: Options) -> i32 {
+/// Options: `--url` and `--secret` (required), `--concurrency 64`,
+/// `--seconds 20`, `--warmup 2` (seconds sent before measuring).
+pub async fn webhooks(opts: &Opts) -> Result<Value, String> {
+    let url = opts.str("url", "");
+    let secret = opts.str("secret", "");
+    if url.is_empty() || secret.is_empty() {
+        return Err("webhooks: --url URL and --secret WHSEC are required (a running server's stripe source, e.g. the `demo` one `pushgate serve` prints)".into());
+    }
+    let concurrency: usize = opts.get("concurrency", 64).max(1);
+    let duration = Duration::from_secs_f64(opts.get("seconds", 20.0));
+    let warmup = Duration::from_secs_f64(opts.get("warmup", 2.0));
     let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(opts.concurrency)
+        .pool_max_idle_per_host(concurrency)
         .timeout(Duration::from_secs(30))
         .build()
         .expect("http client");
     let run_id = format!("{:08x}", rand::random::<u32>());
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
-    let opts = Arc::new(opts);
-    let mut tasks = Vec::with_capacity(opts.concurrency);
-    for sender in 0..opts.concurrency {
-        let (client, opts, run_id) = (client.clone(), opts.clone(), run_id.clone());
+    let (url, secret) = (Arc::new(url), Arc::new(secret));
+    let mut tasks = Vec::with_capacity(concurrency);
+    for sender in 0..concurrency {
+        let (client, url, secret, run_id) =
+            (client.clone(), url.clone(), secret.clone(), run_id.clone());
         let (measuring, stop) = (measuring.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let mut tally = Tally::default();
@@ -143,10 +93,10 @@ async fn run(opts: Options) -> i32 {
                 n += 1;
                 let now = pushgate::auth::unix_now() as i64;
                 let body = event(&run_id, sender, n, now);
-                let sig = pushgate::ingest::stripe::signature_header(&opts.secret, now, &body);
+                let sig = pushgate::ingest::stripe::signature_header(&secret, now, &body);
                 let started = Instant::now();
                 let result = client
-                    .post(&opts.url)
+                    .post(url.as_str())
                     .header("content-type", "application/json")
                     .header("stripe-signature", sig)
                     .body(body)
@@ -190,17 +140,17 @@ async fn run(opts: Options) -> i32 {
             tally
         }));
     }
-    tokio::time::sleep(opts.warmup).await;
+    tokio::time::sleep(warmup).await;
     measuring.store(true, Ordering::Relaxed);
     let started = Instant::now();
-    tokio::time::sleep(opts.duration).await;
+    tokio::time::sleep(duration).await;
     measuring.store(false, Ordering::Relaxed);
     let measured = started.elapsed();
     stop.store(true, Ordering::Relaxed);
 
     let mut total = Tally::default();
     for t in tasks {
-        let t = t.await.expect("sender task");
+        let t = t.await.map_err(|e| e.to_string())?;
         total.accepted += t.accepted;
         total.duplicates += t.duplicates;
         total.failed += t.failed;
@@ -217,10 +167,16 @@ async fn run(opts: Options) -> i32 {
         total.latencies_us[i] as f64 / 1000.0
     };
     let secs = measured.as_secs_f64();
-    let report = json!({
+    if total.accepted == 0 {
+        return Err(format!(
+            "webhooks: nothing was accepted ({} failed); see the first error above",
+            total.failed
+        ));
+    }
+    Ok(json!({
         "mode": "webhooks",
-        "target": opts.url,
-        "concurrency": opts.concurrency,
+        "target": url.as_str(),
+        "concurrency": concurrency,
         "duration_s": (secs * 100.0).round() / 100.0,
         "accepted": total.accepted,
         "accepted_per_s": (total.accepted as f64 / secs).round(),
@@ -232,13 +188,7 @@ async fn run(opts: Options) -> i32 {
             "p99": pct(0.99),
             "max": pct(1.0),
         },
-    });
-    println!("{report}");
-    if total.failed > 0 || total.accepted == 0 {
-        1
-    } else {
-        0
-    }
+    }))
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
