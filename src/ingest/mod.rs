@@ -458,9 +458,11 @@ const REDACTED_HEADERS: &[&str] = &["authorization", "proxy-authorization", "coo
 /// `POST /webhooks/{source}`.
 pub async fn receive(
     State(app): State<Arc<AppState>>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, axum::extract::rejection::PathRejection>,
     req: Request,
 ) -> Response {
+    // A name that does not even decode (`%FF`) names no source either.
+    let name = name.map(|Path(n)| n).unwrap_or_default();
     match receive_inner(&app, &name, req).await {
         Ok(resp) => resp,
         Err(e) => e.into_response(),

@@ -400,8 +400,10 @@ async fn every_kind_verifies_dedupes_routes_and_refuses() {
     for kind in KINDS {
         exercise(&s, kind).await;
     }
-    let (st, v) = post(&s, "/webhooks/nope", &[], "{}").await;
-    assert_eq!((st, error_code(&v)), (404, "unknown_source"));
+    for path in ["/webhooks/nope", "/webhooks/%FF%FE"] {
+        let (st, v) = post(&s, path, &[], "{}").await;
+        assert_eq!((st, error_code(&v)), (404, "unknown_source"), "{path}");
+    }
 }
 
 #[tokio::test]
@@ -620,6 +622,7 @@ async fn inspector_keeps_headers_bodies_and_reasons() {
     for (path, status, code) in [
         ("/v1/inbound/999999", 404, "not_found"),
         ("/v1/inbound/abc", 404, "not_found"),
+        ("/v1/inbound/%FF", 404, "not_found"),
         ("/v1/inbound?status=maybe", 400, "invalid_status"),
         ("/v1/inbound?limit=0", 400, "invalid_limit"),
     ] {
