@@ -16,6 +16,12 @@ if command -v pg_lsclusters >/dev/null 2>&1; then
   fi
 fi
 
+# --- openssl CLI (the auth tests generate RSA and EC keys with it) ----------
+if ! command -v openssl >/dev/null 2>&1; then
+  log "installing openssl"
+  apt-get update -qq && apt-get install -y -qq openssl
+fi
+
 # --- Node.js packages for interop and browser tests -------------------------
 if [ -f tests/js/package.json ]; then
   log "installing test JavaScript packages"
