@@ -8,8 +8,9 @@
 //! - `(source, source_id)` is unique for `dedupe_window`, enforced by the
 //!   database, and outlives the event's own retention;
 //! - every committed batch is sent once, in log order, on the commit feed
-//!   that the hub consumes.
+//!   that the hub consumes (on a shared log: every batch any node commits).
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -242,11 +243,32 @@ pub async fn open(
     if let Some(path) = config.url.strip_prefix("sqlite://") {
         let (store, feed) = sqlite::SqliteStore::open(path, &config.synchronous)?;
         Ok((Arc::new(store), feed))
+    } else if config.url.starts_with("postgres://") || config.url.starts_with("postgresql://") {
+        // Spawned so this future does not carry sqlx's borrowed executors
+        // (whose Send proofs rustc cannot always carry through `serve`).
+        let (url, pool_size) = (config.url.clone(), config.pool_size);
+        let (store, feed) =
+            tokio::spawn(async move { postgres::PostgresStore::open(&url, pool_size).await })
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+        Ok((Arc::new(store), feed))
     } else {
         Err(StoreError::Unavailable(format!(
             "unsupported store url `{}`",
             config.url
         )))
+    }
+}
+
+/// The store URL for logs and banners: a password in it (PostgreSQL) is
+/// replaced by `***`, because secrets are never printed.
+pub fn redacted_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -363,6 +385,19 @@ mod tests {
                 "{junk}"
             );
         }
+    }
+
+    #[test]
+    fn store_urls_are_printed_without_passwords() {
+        assert_eq!(
+            redacted_url("postgres://pushgate:s3cret@db:5432/log"),
+            "postgres://pushgate:***@db:5432/log"
+        );
+        assert_eq!(
+            redacted_url("postgres://pushgate@db/log"),
+            "postgres://pushgate@db/log"
+        );
+        assert_eq!(redacted_url("sqlite://pushgate.db"), "sqlite://pushgate.db");
     }
 
     #[test]

@@ -980,3 +980,69 @@ async fn concurrent_distinct_and_duplicate_deliveries() {
     assert_eq!(fresh, 40, "each message stored once");
     assert_eq!(events(&s, "user:c").await.len(), 40);
 }
+
+/// The same pipeline on PostgreSQL: accepted, duplicates (also two at once),
+/// refusals recorded, inspector reads, event on the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_on_postgresql() {
+    let db = crate::pg::PgTestDb::create().await;
+    let s = TestServer::with(|c| {
+        c.store.url = db.url.clone();
+        c.sources.push(source("standard"));
+    })
+    .await;
+    let mut sub = s.sse("channel=user:pg").await;
+    let body = payload("msg_pg1", Some("pg"));
+    let h = sign("standard", NEW, body.as_bytes(), now(), "msg_pg1");
+    let (a, b) = tokio::join!(
+        post(&s, "/webhooks/standard", &h, body.clone()),
+        post(&s, "/webhooks/standard", &h, body.clone())
+    );
+    assert_eq!((a.0, b.0), (200, 200), "{a:?} {b:?}");
+    assert_eq!(a.1["id"], b.1["id"]);
+    assert_eq!(
+        [&a.1, &b.1]
+            .iter()
+            .filter(|v| v["duplicate"] == true)
+            .count(),
+        1,
+        "{a:?} {b:?}"
+    );
+    let ev = sub.next_timeout(T).await.expect("event on the stream");
+    assert!(ev.data.contains(AS_WRITTEN), "{}", ev.data);
+    let (st, _) = post(
+        &s,
+        "/webhooks/standard",
+        &sign("standard", WRONG, body.as_bytes(), now(), "msg_x"),
+        body.clone(),
+    )
+    .await;
+    assert_eq!(st, 401);
+    let list: Value = s
+        .client
+        .get(s.url("/v1/inbound"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let items = list["inbound"].as_array().unwrap();
+    assert_eq!(items.len(), 3, "{list}");
+    assert_eq!(items[0]["reason"], "invalid_signature");
+    let accepted = items
+        .iter()
+        .find(|i| i["duplicate"] == false && i["status"] == "accepted")
+        .unwrap();
+    let one: Value = s
+        .client
+        .get(s.url(&format!("/v1/inbound/{}", accepted["id"].as_str().unwrap())))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["body"], body);
+    assert_eq!(events(&s, "user:pg").await.len(), 1);
+}

@@ -6,3 +6,7 @@ mod common;
 mod core;
 mod ingest;
 mod ingest_interop;
+mod multinode;
+mod pg;
+mod pg_store;
+mod store_suite;

@@ -9,8 +9,10 @@
 //!   pushgate-bench publish --concurrency 64 --seconds 5
 //!   pushgate-bench sqlite-baseline --batch 64 --seconds 5
 //!   pushgate-bench webhooks --url http://127.0.0.1:8080/webhooks/demo --secret whsec_… [--concurrency 64]
+//!   pushgate-bench pg      --url postgres://postgres@127.0.0.1:5432/postgres --nodes 1,3 --publishers 64
 
 mod fanout;
+mod pg;
 mod publish;
 mod target;
 mod webhooks;
@@ -33,9 +35,10 @@ fn main() {
             "publish" => publish::publish(&opts).await,
             "sqlite-baseline" => publish::sqlite_baseline(&opts),
             "webhooks" => webhooks::webhooks(&opts).await,
+            "pg" => pg::pg(&opts).await,
             _ => {
                 eprintln!(
-                    "usage: pushgate-bench idle|fanout|publish|sqlite-baseline|webhooks [--key value]…  (see docs/benchmarks.md)"
+                    "usage: pushgate-bench idle|fanout|publish|sqlite-baseline|pg|webhooks [--key value]…  (see docs/benchmarks.md)"
                 );
                 std::process::exit(2);
             }
