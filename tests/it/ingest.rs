@@ -989,6 +989,7 @@ async fn webhooks_on_postgresql() {
     let s = TestServer::with(|c| {
         c.store.url = db.url.clone();
         c.sources.push(source("standard"));
+        c.sources.push(source("none"));
     })
     .await;
     let mut sub = s.sse("channel=user:pg").await;
@@ -1018,9 +1019,16 @@ async fn webhooks_on_postgresql() {
     )
     .await;
     assert_eq!(st, 401);
+    // A body id with a NUL (which PostgreSQL's TEXT cannot hold) is still one key.
+    let nul = "{\"id\": \"evt\\u0000x\", \"type\": \"t\"}";
+    for duplicate in [false, true] {
+        let (st, v) = post(&s, "/webhooks/none", &[], nul).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["duplicate"], duplicate);
+    }
     let list: Value = s
         .client
-        .get(s.url("/v1/inbound"))
+        .get(s.url("/v1/inbound?source=standard"))
         .send()
         .await
         .unwrap()
