@@ -20,6 +20,10 @@ pub struct Metrics {
     pub lagged_subscribers: Counter,
     pub webhook_attempts_succeeded: Counter,
     pub webhook_attempts_failed: Counter,
+    /// Inbound webhooks by outcome.
+    pub webhooks_accepted: Counter,
+    pub webhooks_duplicate: Counter,
+    pub webhooks_rejected: Counter,
 }
 
 const META: Metadata<'static> = Metadata::new("pushgate", metrics::Level::INFO, None);
@@ -64,6 +68,9 @@ impl Metrics {
                 "pushgate_webhook_attempts_total",
                 &[("result", "failed")],
             ),
+            webhooks_accepted: counter("pushgate_webhooks_total", &[("result", "accepted")]),
+            webhooks_duplicate: counter("pushgate_webhooks_total", &[("result", "duplicate")]),
+            webhooks_rejected: counter("pushgate_webhooks_total", &[("result", "rejected")]),
             append_seconds: recorder
                 .register_histogram(&Key::from_name("pushgate_append_seconds"), &META),
             streams_sse: gauge("pushgate_open_streams", "sse"),

@@ -4,6 +4,7 @@
 //! done by the library (`serve`) so the CLI stays thin.
 
 pub mod listen;
+pub mod send;
 pub mod serve;
 pub mod token;
 
@@ -26,6 +27,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Tail channels in the terminal, or forward each event, signed, to a local URL.
     Listen(listen::ListenArgs),
+    /// Sign and send a realistic sample webhook of a provider (stripe, github, shopify, standard, hmac, none).
+    Send(send::SendArgs),
     /// Mint an HS256 subscriber token (JWT) and print it.
     Token(token::TokenArgs),
 }
@@ -35,6 +38,7 @@ pub async fn run(cli: Cli) -> i32 {
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
         Command::Listen(args) => listen::run(args).await,
+        Command::Send(args) => send::run(args).await,
         Command::Token(args) => token::run(args),
     }
 }

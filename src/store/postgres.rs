@@ -38,7 +38,8 @@ use tokio::task::JoinHandle;
 
 use super::{
     Appended, AttemptOutcome, AttemptStatus, AttemptView, Bounds, ClaimWant, Claimed, CommitFeed,
-    Endpoint, EndpointPatch, Event, NewDelivery, NewEndpoint, NewMessage, OutboxAdvance, Page,
+    Endpoint, EndpointPatch, Event, INBOUND_CAPPED_KEEP, InboundFilter, InboundId, InboundRecord,
+    InboundStatus, NewDelivery, NewEndpoint, NewInbound, NewMessage, OutboxAdvance, Page,
     Retention, Seq, Store, StoreError,
 };
 
@@ -73,9 +74,16 @@ const SESSION_OPTIONS: [(&str, &str); 3] = [
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// What one request gets back: its messages' outcomes and, for a webhook,
+/// the id of the inspector record written with them.
+type AppendOutcome = (Vec<Appended>, Option<InboundId>);
+
 struct AppendRequest {
     messages: Vec<NewMessage>,
-    reply: oneshot::Sender<Result<Vec<Appended>, StoreError>>,
+    /// A webhook delivery (`append_webhook`: one message), recorded in the
+    /// same transaction as its events.
+    inbound: Option<NewInbound>,
+    reply: oneshot::Sender<Result<AppendOutcome, StoreError>>,
 }
 
 impl AppendRequest {
@@ -83,7 +91,8 @@ impl AppendRequest {
         self.messages
             .iter()
             .map(|m| m.data.get().len() * m.channels.len().max(1))
-            .sum()
+            .sum::<usize>()
+            + self.inbound.as_ref().map_or(0, |i| i.body.len())
     }
 }
 
@@ -376,7 +385,7 @@ async fn append_group(
     pool: &PgPool,
     group: &mut Vec<AppendRequest>,
     more: Option<&mut mpsc::Receiver<AppendRequest>>,
-) -> Result<(Vec<Vec<Appended>>, bool), GroupError> {
+) -> Result<(Vec<AppendOutcome>, bool), GroupError> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(APPEND_LOCK)
@@ -450,11 +459,36 @@ async fn append_group(
         outcomes.push(out);
     }
 
-    if claims.0.is_empty() && ev.seq.is_empty() {
+    let records = InboundColumns::accepted(group, &outcomes);
+    let wrote = !(claims.0.is_empty() && ev.seq.is_empty());
+    if !wrote && records.source.is_empty() {
         // Only duplicates: nothing to write. Rolling back releases the lock.
         tx.rollback().await?;
-        return Ok((outcomes, false));
+        return Ok((outcomes.into_iter().map(|o| (o, None)).collect(), false));
     }
+    if wrote {
+        write_events(&mut tx, now, &claims, &ev, head).await?;
+    }
+    let mut ids = records.insert(&mut tx, now).await?.into_iter();
+    tx.commit().await?;
+    let outcomes = group
+        .iter()
+        .zip(outcomes)
+        .map(|(req, out)| {
+            let id = req.inbound.as_ref().and_then(|_| ids.next());
+            (out, id)
+        })
+        .collect();
+    Ok((outcomes, wrote))
+}
+
+async fn write_events(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    now: i64,
+    claims: &(Vec<&str>, Vec<&str>, Vec<Seq>),
+    ev: &EventColumns<'_>,
+    head: Seq,
+) -> Result<(), GroupError> {
     let claimed: i64 = sqlx::query(WRITE_GROUP)
         .bind(now)
         .bind(&claims.0)
@@ -467,7 +501,7 @@ async fn append_group(
         .bind(&ev.source_id)
         .bind(&ev.data)
         .bind(head)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut **tx)
         .await?
         .try_get(0)?;
     if claimed != claims.0.len() as i64 {
@@ -479,8 +513,181 @@ async fn append_group(
             claims.0.len()
         )));
     }
-    tx.commit().await?;
-    Ok((outcomes, true))
+    Ok(())
+}
+
+/// Inspector records, column by column, for `UNNEST`.
+#[derive(Default)]
+struct InboundColumns<'a> {
+    source: Vec<&'a str>,
+    status: Vec<&'static str>,
+    duplicate: Vec<bool>,
+    reason: Vec<Option<&'a str>>,
+    detail: Vec<Option<&'a str>>,
+    source_id: Vec<Option<&'a str>>,
+    kind: Vec<Option<&'a str>>,
+    channels: Vec<String>,
+    seqs: Vec<String>,
+    first_seq: Vec<Option<Seq>>,
+    headers: Vec<String>,
+    body: Vec<Option<&'a [u8]>>,
+    body_size: Vec<i64>,
+}
+
+const INSERT_INBOUND: &str = "
+INSERT INTO inbound (time_ms, source, status, duplicate, capped, reason, detail, source_id,
+                     type, channels, seqs, first_seq, headers, body, body_size)
+SELECT $1, source, status, duplicate, duplicate OR status = 'rejected', reason, detail,
+       source_id, type, channels, seqs, first_seq, headers, body, body_size
+FROM UNNEST($2::text[], $3::text[], $4::bool[], $5::text[], $6::text[], $7::text[],
+            $8::text[], $9::text[], $10::text[], $11::bigint[], $12::text[], $13::bytea[],
+            $14::bigint[])
+     WITH ORDINALITY
+     AS t(source, status, duplicate, reason, detail, source_id, type, channels, seqs,
+          first_seq, headers, body, body_size, ord)
+ORDER BY ord
+RETURNING id";
+
+/// Keeps only the newest `INBOUND_CAPPED_KEEP` capped records.
+const TRIM_INBOUND: &str = "
+DELETE FROM inbound WHERE capped AND id <= (
+    SELECT id FROM inbound WHERE capped ORDER BY id DESC OFFSET $1 LIMIT 1)";
+
+impl<'a> InboundColumns<'a> {
+    /// The accepted deliveries of a group, with their append outcomes.
+    fn accepted(group: &'a [AppendRequest], outcomes: &[Vec<Appended>]) -> InboundColumns<'a> {
+        let mut c = InboundColumns::default();
+        for (req, out) in group.iter().zip(outcomes) {
+            let (Some(inbound), Some(m), Some(a)) =
+                (&req.inbound, req.messages.first(), out.first())
+            else {
+                continue;
+            };
+            // A new message's body is usually its event's data: keep it once.
+            let same = !a.duplicate && inbound.body.as_ref() == m.data.get().as_bytes();
+            c.push(inbound, InboundStatus::Accepted, Some((m, a)), !same);
+        }
+        c
+    }
+
+    fn push(
+        &mut self,
+        inbound: &'a NewInbound,
+        status: InboundStatus,
+        accepted: Option<(&'a NewMessage, &Appended)>,
+        keep_body: bool,
+    ) {
+        self.source.push(&inbound.source);
+        self.status.push(status.as_str());
+        self.duplicate
+            .push(accepted.is_some_and(|(_, a)| a.duplicate));
+        self.reason.push(inbound.reason.as_deref());
+        self.detail.push(inbound.detail.as_deref());
+        self.source_id
+            .push(accepted.and_then(|(m, _)| m.source_id.as_deref()));
+        self.kind.push(accepted.map(|(m, _)| m.kind.as_str()));
+        self.channels.push(
+            serde_json::to_string(accepted.map_or(&[][..], |(m, _)| m.channels.as_slice()))
+                .expect("strings serialize"),
+        );
+        self.seqs.push(
+            serde_json::to_string(accepted.map_or(&[][..], |(_, a)| a.seqs.as_slice()))
+                .expect("numbers serialize"),
+        );
+        self.first_seq
+            .push(accepted.and_then(|(_, a)| a.seqs.first().copied()));
+        self.headers
+            .push(serde_json::to_string(&inbound.headers).expect("string pairs serialize"));
+        self.body.push(keep_body.then_some(inbound.body.as_ref()));
+        self.body_size
+            .push(inbound.body_size.min(i64::MAX as u64) as i64);
+    }
+
+    /// Inserts the records (ids ascending in push order) and trims the capped ones.
+    async fn insert(
+        &self,
+        conn: &mut PgConnection,
+        now: i64,
+    ) -> Result<Vec<InboundId>, sqlx::Error> {
+        if self.source.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut ids: Vec<InboundId> = sqlx::query_scalar(INSERT_INBOUND)
+            .bind(now)
+            .bind(&self.source)
+            .bind(&self.status)
+            .bind(&self.duplicate)
+            .bind(&self.reason)
+            .bind(&self.detail)
+            .bind(&self.source_id)
+            .bind(&self.kind)
+            .bind(&self.channels)
+            .bind(&self.seqs)
+            .bind(&self.first_seq)
+            .bind(&self.headers)
+            .bind(&self.body)
+            .bind(&self.body_size)
+            .fetch_all(&mut *conn)
+            .await?;
+        // Identity values follow the insert order (ORDER BY ord).
+        ids.sort_unstable();
+        let capped = self
+            .duplicate
+            .iter()
+            .zip(&self.status)
+            .any(|(d, s)| *d || *s == InboundStatus::Rejected.as_str());
+        if capped {
+            sqlx::query(TRIM_INBOUND)
+                .bind(INBOUND_CAPPED_KEEP as i64)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(ids)
+    }
+}
+
+/// Records newest first; the columns `row_to_inbound` reads.
+const LIST_INBOUND: &str = "
+SELECT i.id, i.time_ms, i.source, i.status, i.duplicate, i.reason, i.detail, i.source_id,
+       i.type, i.channels, i.seqs, i.body_size
+FROM inbound i
+WHERE ($1::text IS NULL OR i.source = $1)
+  AND ($2::text IS NULL OR i.status = $2)
+  AND ($3::bigint IS NULL OR i.id < $3)
+ORDER BY i.id DESC LIMIT $4";
+
+/// One record with headers and body (a NULL body is its event's data).
+const GET_INBOUND: &str = "
+SELECT i.id, i.time_ms, i.source, i.status, i.duplicate, i.reason, i.detail, i.source_id,
+       i.type, i.channels, i.seqs, i.body_size,
+       i.headers, COALESCE(i.body, convert_to(e.data, 'UTF8'))
+FROM inbound i
+LEFT JOIN events e ON i.body IS NULL AND e.seq = i.first_seq
+WHERE i.id = $1";
+
+/// A row of `LIST_INBOUND` (or `GET_INBOUND`), without headers and body.
+fn row_to_inbound(row: &PgRow) -> Result<InboundRecord, StoreError> {
+    let corrupt = |e: &dyn std::fmt::Display| StoreError::Corrupt(e.to_string());
+    let status: String = row.try_get(3).map_err(|e| corrupt(&e))?;
+    let channels: String = row.try_get(9).map_err(|e| corrupt(&e))?;
+    let seqs: String = row.try_get(10).map_err(|e| corrupt(&e))?;
+    Ok(InboundRecord {
+        id: row.try_get(0).map_err(|e| corrupt(&e))?,
+        time_ms: row.try_get(1).map_err(|e| corrupt(&e))?,
+        source: row.try_get(2).map_err(|e| corrupt(&e))?,
+        status: InboundStatus::parse(&status)
+            .ok_or_else(|| corrupt(&format!("unknown inbound status `{status}`")))?,
+        duplicate: row.try_get(4).map_err(|e| corrupt(&e))?,
+        reason: row.try_get(5).map_err(|e| corrupt(&e))?,
+        detail: row.try_get(6).map_err(|e| corrupt(&e))?,
+        source_id: row.try_get(7).map_err(|e| corrupt(&e))?,
+        kind: row.try_get(8).map_err(|e| corrupt(&e))?,
+        channels: serde_json::from_str(&channels).map_err(|e| corrupt(&e))?,
+        seqs: serde_json::from_str(&seqs).map_err(|e| corrupt(&e))?,
+        body_size: row.try_get::<i64, _>(11).map_err(|e| corrupt(&e))?.max(0) as u64,
+        headers: Vec::new(),
+        body: None,
+    })
 }
 
 /// The events of one group, column by column, for `UNNEST`.
@@ -659,10 +866,14 @@ impl Store for PostgresStore {
     async fn append(&self, messages: Vec<NewMessage>) -> Result<Vec<Appended>, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.sender()?
-            .send(AppendRequest { messages, reply })
+            .send(AppendRequest {
+                messages,
+                inbound: None,
+                reply,
+            })
             .await
             .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        Ok(rx.await.map_err(|_| StoreError::Closed)??.0)
     }
 
     async fn read(
@@ -824,6 +1035,80 @@ impl Store for PostgresStore {
         Err(outbound_unsupported())
     }
 
+    async fn append_webhook(
+        &self,
+        message: NewMessage,
+        inbound: NewInbound,
+    ) -> Result<(Appended, InboundId), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.sender()?
+            .send(AppendRequest {
+                messages: vec![message],
+                inbound: Some(inbound),
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        let (mut appended, id) = rx.await.map_err(|_| StoreError::Closed)??;
+        match (appended.pop(), id) {
+            (Some(a), Some(id)) => Ok((a, id)),
+            _ => Err(StoreError::Unavailable(
+                "internal: a webhook append returned no record".into(),
+            )),
+        }
+    }
+
+    async fn record_rejected(&self, inbound: NewInbound) -> Result<InboundId, StoreError> {
+        let mut records = InboundColumns::default();
+        records.push(&inbound, InboundStatus::Rejected, None, true);
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let now: i64 = sqlx::query_scalar(
+            "SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let ids = records.insert(&mut tx, now).await.map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        ids.first()
+            .copied()
+            .ok_or_else(|| StoreError::Unavailable("internal: no record id".into()))
+    }
+
+    async fn list_inbound(&self, filter: InboundFilter) -> Result<Vec<InboundRecord>, StoreError> {
+        let rows = sqlx::query(LIST_INBOUND)
+            .bind(filter.source)
+            .bind(filter.status.map(InboundStatus::as_str))
+            .bind(filter.before)
+            .bind(filter.limit.clamp(1, 10_000) as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        rows.iter().map(row_to_inbound).collect()
+    }
+
+    async fn get_inbound(&self, id: InboundId) -> Result<Option<InboundRecord>, StoreError> {
+        let Some(row) = sqlx::query(GET_INBOUND)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?
+        else {
+            return Ok(None);
+        };
+        let mut record = row_to_inbound(&row)?;
+        let headers: String = row
+            .try_get(12)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        record.headers =
+            serde_json::from_str(&headers).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let body: Option<Vec<u8>> = row
+            .try_get(13)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        record.body = body.map(bytes::Bytes::from);
+        Ok(Some(record))
+    }
+
     async fn close(&self) {
         // Dropping the last sender lets the writer finish its queue and exit.
         self.writer_tx.lock().expect("writer sender lock").take();
@@ -875,6 +1160,11 @@ async fn prune(pool: &PgPool, retention: Retention) -> Result<u64, sqlx::Error> 
             .execute(&mut *tx)
             .await?
             .rows_affected();
+        // Inspector records of accepted webhooks go with their events.
+        sqlx::query("DELETE FROM inbound WHERE NOT capped AND first_seq <= $1")
+            .bind(upto)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("UPDATE log_state SET pruned_through = greatest(pruned_through, $1)")
             .bind(upto)
             .execute(&mut *tx)

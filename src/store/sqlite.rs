@@ -26,7 +26,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Appended, AttemptOutcome, AttemptStatus, AttemptView, Bounds, ClaimWant, Claimed, CommitFeed,
-    Delivery, Endpoint, EndpointPatch, EndpointSecret, Event, Health, NewDelivery, NewEndpoint,
+    Delivery, Endpoint, EndpointPatch, EndpointSecret, Event, Health, INBOUND_CAPPED_KEEP,
+    InboundFilter, InboundId, InboundRecord, InboundStatus, NewDelivery, NewEndpoint, NewInbound,
     NewMessage, NextStep, OutboxAdvance, Page, Retention, Seq, Store, StoreError, now_ms,
 };
 
@@ -104,6 +105,31 @@ CREATE TABLE IF NOT EXISTS attempts (
 );
 CREATE INDEX IF NOT EXISTS attempts_by_endpoint ON attempts (endpoint_id, id);
 CREATE INDEX IF NOT EXISTS attempts_by_time ON attempts (at_ms);
+-- The inspector's record of inbound webhooks. `capped = 0`: an accepted new
+-- message, removed with its first event; `capped = 1`: a refusal or a
+-- duplicate, of which the newest INBOUND_CAPPED_KEEP are kept. `body` NULL
+-- means \"the same bytes as the data of event `first_seq`\" (stored once).
+CREATE TABLE IF NOT EXISTS inbound (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time_ms INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    status TEXT NOT NULL,
+    duplicate INTEGER NOT NULL,
+    capped INTEGER NOT NULL,
+    reason TEXT,
+    detail TEXT,
+    source_id TEXT,
+    type TEXT,
+    channels TEXT NOT NULL,
+    seqs TEXT NOT NULL,
+    first_seq INTEGER,
+    headers TEXT NOT NULL,
+    body BLOB,
+    body_size INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS inbound_by_source ON inbound (source, id);
+CREATE INDEX IF NOT EXISTS inbound_capped ON inbound (id) WHERE capped = 1;
+CREATE INDEX IF NOT EXISTS inbound_by_event ON inbound (first_seq) WHERE capped = 0;
 ";
 
 /// `deliveries.status` values.
@@ -115,6 +141,15 @@ enum WriteCmd {
     Append {
         messages: Vec<NewMessage>,
         reply: oneshot::Sender<Result<Vec<Appended>, StoreError>>,
+    },
+    Webhook {
+        message: NewMessage,
+        inbound: NewInbound,
+        reply: oneshot::Sender<Result<(Appended, InboundId), StoreError>>,
+    },
+    Rejected {
+        inbound: NewInbound,
+        reply: oneshot::Sender<Result<InboundId, StoreError>>,
     },
     Prune {
         retention: Retention,
@@ -129,6 +164,56 @@ enum WriteCmd {
 }
 
 type WriterJob = Box<dyn FnOnce(&mut Connection, Seq) + Send>;
+/// The writes of one group commit, each run in its own savepoint.
+enum Job {
+    Append {
+        messages: Vec<NewMessage>,
+        reply: oneshot::Sender<Result<Vec<Appended>, StoreError>>,
+    },
+    Webhook {
+        message: NewMessage,
+        inbound: NewInbound,
+        reply: oneshot::Sender<Result<(Appended, InboundId), StoreError>>,
+    },
+    Rejected {
+        inbound: NewInbound,
+        reply: oneshot::Sender<Result<InboundId, StoreError>>,
+    },
+}
+
+enum Outcome {
+    Appended(Vec<Appended>),
+    Webhook(Appended, InboundId),
+    Recorded(InboundId),
+}
+
+impl Job {
+    /// Answers the job's caller; a reply that does not fit the job cannot
+    /// happen (outcomes are made from their own job) and reads as unavailable.
+    fn reply(self, outcome: Result<Outcome, StoreError>) {
+        let mismatch = || StoreError::Unavailable("internal: mismatched write outcome".into());
+        match self {
+            Job::Append { reply, .. } => {
+                let _ = reply.send(outcome.and_then(|o| match o {
+                    Outcome::Appended(a) => Ok(a),
+                    _ => Err(mismatch()),
+                }));
+            }
+            Job::Webhook { reply, .. } => {
+                let _ = reply.send(outcome.and_then(|o| match o {
+                    Outcome::Webhook(a, id) => Ok((a, id)),
+                    _ => Err(mismatch()),
+                }));
+            }
+            Job::Rejected { reply, .. } => {
+                let _ = reply.send(outcome.and_then(|o| match o {
+                    Outcome::Recorded(id) => Ok(id),
+                    _ => Err(mismatch()),
+                }));
+            }
+        }
+    }
+}
 
 pub struct SqliteStore {
     tag: String,
@@ -147,6 +232,11 @@ fn configure(conn: &Connection, synchronous: &str) -> rusqlite::Result<()> {
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", synchronous)?;
+    // The savepoint per request journals the pages it touches; past 64 KiB
+    // per transaction SQLite spills that journal to a temp file, which a
+    // group commit of webhooks (~1 KiB each) always reaches. It is never
+    // needed after the transaction: keep it in memory.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     Ok(())
 }
 
@@ -374,10 +464,22 @@ impl Writer {
     }
 
     fn run_group(&mut self, group: Vec<WriteCmd>) {
-        let mut appends = Vec::new();
+        let mut jobs = Vec::new();
         for cmd in group {
             match cmd {
-                WriteCmd::Append { messages, reply } => appends.push((messages, reply)),
+                WriteCmd::Append { messages, reply } => jobs.push(Job::Append { messages, reply }),
+                WriteCmd::Webhook {
+                    message,
+                    inbound,
+                    reply,
+                } => jobs.push(Job::Webhook {
+                    message,
+                    inbound,
+                    reply,
+                }),
+                WriteCmd::Rejected { inbound, reply } => {
+                    jobs.push(Job::Rejected { inbound, reply })
+                }
                 WriteCmd::Prune { retention, reply } => {
                     let _ = reply.send(self.prune(retention).map_err(unavailable));
                 }
@@ -387,25 +489,25 @@ impl Writer {
                 WriteCmd::Run(f) => f(&mut self.conn, self.head),
             }
         }
-        if appends.is_empty() {
+        if jobs.is_empty() {
             return;
         }
         let head_before = self.head;
         let mut committed: Vec<Event> = Vec::new();
-        let outcomes = match self.append_group(&appends, &mut committed) {
+        let outcomes = match self.run_jobs(&jobs, &mut committed) {
             Ok(outcomes) => outcomes,
             Err(e) => {
                 self.head = head_before;
                 let msg = e.to_string();
                 tracing::error!(error = %msg, "append transaction failed");
-                for (_, reply) in appends {
-                    let _ = reply.send(Err(StoreError::Unavailable(msg.clone())));
+                for job in jobs {
+                    job.reply(Err(StoreError::Unavailable(msg.clone())));
                 }
                 return;
             }
         };
-        for ((_, reply), outcome) in appends.into_iter().zip(outcomes) {
-            let _ = reply.send(outcome);
+        for (job, outcome) in jobs.into_iter().zip(outcomes) {
+            job.reply(outcome);
         }
         if !committed.is_empty() {
             // Blocking here is the backpressure that keeps the hub's queue bounded.
@@ -413,25 +515,45 @@ impl Writer {
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    fn append_group(
+    /// Runs every job of a group in one transaction, each in its own savepoint.
+    fn run_jobs(
         &mut self,
-        appends: &[(
-            Vec<NewMessage>,
-            oneshot::Sender<Result<Vec<Appended>, StoreError>>,
-        )],
+        jobs: &[Job],
         committed: &mut Vec<Event>,
-    ) -> rusqlite::Result<Vec<Result<Vec<Appended>, StoreError>>> {
+    ) -> rusqlite::Result<Vec<Result<Outcome, StoreError>>> {
         let mut tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let now = now_ms();
-        let mut outcomes = Vec::with_capacity(appends.len());
-        for (messages, _) in appends {
+        let mut outcomes = Vec::with_capacity(jobs.len());
+        for job in jobs {
             let head_before = self.head;
             let committed_before = committed.len();
             let mut sp = tx.savepoint()?;
-            match append_messages(&sp, messages, now, &mut self.head, committed) {
+            let result = match job {
+                Job::Append { messages, .. } => {
+                    append_messages(&sp, messages, now, &mut self.head, committed)
+                        .map(Outcome::Appended)
+                }
+                Job::Webhook {
+                    message, inbound, ..
+                } => append_messages(
+                    &sp,
+                    std::slice::from_ref(message),
+                    now,
+                    &mut self.head,
+                    committed,
+                )
+                .and_then(|mut out| {
+                    let appended = out.pop().expect("one outcome per message");
+                    let id = insert_inbound(&sp, inbound, Some((message, &appended)), now)?;
+                    Ok(Outcome::Webhook(appended, id))
+                }),
+                Job::Rejected { inbound, .. } => {
+                    insert_inbound(&sp, inbound, None, now).map(Outcome::Recorded)
+                }
+            };
+            match result {
                 Ok(out) => {
                     sp.commit()?;
                     outcomes.push(Ok(out));
@@ -476,6 +598,10 @@ impl Writer {
             let upto = keep_from.min(oldest + PRUNE_CHUNK) - 1;
             let tx = self.conn.transaction()?;
             let n = tx.execute("DELETE FROM events WHERE seq <= ?1", params![upto])?;
+            tx.execute(
+                "DELETE FROM inbound WHERE capped = 0 AND first_seq <= ?1",
+                params![upto],
+            )?;
             tx.execute(
                 "INSERT INTO meta (key, value) VALUES ('pruned_through', ?1)
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -556,6 +682,109 @@ fn append_messages(
         });
     }
     Ok(out)
+}
+
+/// Records one delivery; `accepted` is the message and its append outcome.
+fn insert_inbound(
+    conn: &Connection,
+    inbound: &NewInbound,
+    accepted: Option<(&NewMessage, &Appended)>,
+    now: i64,
+) -> rusqlite::Result<InboundId> {
+    let headers = serde_json::to_string(&inbound.headers).expect("string pairs serialize");
+    let (status, duplicate, channels, seqs, first_seq, source_id, kind) = match accepted {
+        Some((m, a)) => (
+            InboundStatus::Accepted,
+            a.duplicate,
+            serde_json::to_string(&m.channels).expect("strings serialize"),
+            serde_json::to_string(&a.seqs).expect("numbers serialize"),
+            a.seqs.first().copied(),
+            m.source_id.as_deref(),
+            Some(m.kind.as_str()),
+        ),
+        None => (
+            InboundStatus::Rejected,
+            false,
+            "[]".to_string(),
+            "[]".to_string(),
+            None,
+            None,
+            None,
+        ),
+    };
+    let capped = accepted.is_none() || duplicate;
+    // A new message's body is usually its event's data, byte for byte: keep it once.
+    let body: Option<&[u8]> = match accepted {
+        Some((m, _)) if !duplicate && inbound.body.as_ref() == m.data.get().as_bytes() => None,
+        _ => Some(inbound.body.as_ref()),
+    };
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO inbound (time_ms, source, status, duplicate, capped, reason, detail,
+             source_id, type, channels, seqs, first_seq, headers, body, body_size)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+    )?;
+    insert.execute(params![
+        now,
+        inbound.source,
+        status.as_str(),
+        duplicate,
+        capped,
+        inbound.reason,
+        inbound.detail,
+        source_id,
+        kind,
+        channels,
+        seqs,
+        first_seq,
+        headers,
+        body,
+        inbound.body_size.min(i64::MAX as u64) as i64,
+    ])?;
+    let id = conn.last_insert_rowid();
+    if capped {
+        let mut trim = conn.prepare_cached(
+            "DELETE FROM inbound WHERE capped = 1 AND id <= (
+                 SELECT id FROM inbound WHERE capped = 1 ORDER BY id DESC LIMIT 1 OFFSET ?1)",
+        )?;
+        trim.execute(params![INBOUND_CAPPED_KEEP as i64])?;
+    }
+    Ok(id)
+}
+
+const INBOUND_COLUMNS: &str =
+    "i.id, i.time_ms, i.source, i.status, i.duplicate, i.reason, i.detail,
+     i.source_id, i.type, i.channels, i.seqs, i.body_size";
+
+fn corrupt(col: usize, e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(col, rusqlite::types::Type::Text, Box::new(e))
+}
+
+/// A row of `INBOUND_COLUMNS`, without headers and body.
+fn row_to_inbound(r: &rusqlite::Row<'_>) -> rusqlite::Result<InboundRecord> {
+    let status: String = r.get(3)?;
+    let channels: String = r.get(9)?;
+    let seqs: String = r.get(10)?;
+    Ok(InboundRecord {
+        id: r.get(0)?,
+        time_ms: r.get(1)?,
+        source: r.get(2)?,
+        status: InboundStatus::parse(&status).ok_or_else(|| {
+            corrupt(
+                3,
+                std::io::Error::other(format!("unknown inbound status `{status}`")),
+            )
+        })?,
+        duplicate: r.get(4)?,
+        reason: r.get(5)?,
+        detail: r.get(6)?,
+        source_id: r.get(7)?,
+        kind: r.get(8)?,
+        channels: serde_json::from_str(&channels).map_err(|e| corrupt(9, e))?,
+        seqs: serde_json::from_str(&seqs).map_err(|e| corrupt(10, e))?,
+        body_size: r.get::<_, i64>(11)?.max(0) as u64,
+        headers: Vec::new(),
+        body: None,
+    })
 }
 
 fn row_to_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
@@ -1218,6 +1447,86 @@ impl Store for SqliteStore {
                 return Ok(removed);
             }
         }
+    }
+
+    async fn append_webhook(
+        &self,
+        message: NewMessage,
+        inbound: NewInbound,
+    ) -> Result<(Appended, InboundId), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.sender()?
+            .send(WriteCmd::Webhook {
+                message,
+                inbound,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn record_rejected(&self, inbound: NewInbound) -> Result<InboundId, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.sender()?
+            .send(WriteCmd::Rejected { inbound, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn list_inbound(&self, filter: InboundFilter) -> Result<Vec<InboundRecord>, StoreError> {
+        self.with_reader(move |c| {
+            let mut sql = format!("SELECT {INBOUND_COLUMNS} FROM inbound i WHERE 1 = 1");
+            let mut args: Vec<rusqlite::types::Value> = Vec::new();
+            if let Some(source) = filter.source {
+                sql.push_str(" AND i.source = ?");
+                args.push(source.into());
+            }
+            if let Some(status) = filter.status {
+                if status == InboundStatus::Rejected {
+                    // Refusals are all capped: the small partial index finds them.
+                    sql.push_str(" AND i.capped = 1");
+                }
+                sql.push_str(" AND i.status = ?");
+                args.push(status.as_str().to_string().into());
+            }
+            if let Some(before) = filter.before {
+                sql.push_str(" AND i.id < ?");
+                args.push(before.into());
+            }
+            sql.push_str(" ORDER BY i.id DESC LIMIT ?");
+            args.push((filter.limit.clamp(1, 10_000) as i64).into());
+            let mut stmt = c.prepare_cached(&sql)?;
+            stmt.query_map(params_from_iter(args), row_to_inbound)?
+                .collect()
+        })
+        .await
+    }
+
+    async fn get_inbound(&self, id: InboundId) -> Result<Option<InboundRecord>, StoreError> {
+        self.with_reader(move |c| {
+            let sql = format!(
+                "SELECT {INBOUND_COLUMNS}, i.headers, COALESCE(i.body, e.data) FROM inbound i
+                 LEFT JOIN events e ON i.body IS NULL AND e.seq = i.first_seq
+                 WHERE i.id = ?1"
+            );
+            let mut stmt = c.prepare_cached(&sql)?;
+            stmt.query_row(params![id], |r| {
+                let mut record = row_to_inbound(r)?;
+                let headers: String = r.get(12)?;
+                record.headers = serde_json::from_str(&headers).map_err(|e| corrupt(12, e))?;
+                record.body = match r.get_ref(13)? {
+                    rusqlite::types::ValueRef::Blob(b) | rusqlite::types::ValueRef::Text(b) => {
+                        Some(bytes::Bytes::copy_from_slice(b))
+                    }
+                    _ => None,
+                };
+                Ok(record)
+            })
+            .optional()
+        })
+        .await
     }
 
     async fn close(&self) {

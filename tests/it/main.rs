@@ -4,6 +4,8 @@
 mod auth;
 mod common;
 mod core;
+mod ingest;
+mod ingest_interop;
 mod multinode;
 mod pg;
 mod pg_store;

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use pushgate::config::StoreConfig;
 use pushgate::store::{
-    self, Appended, Bounds, CommitFeed, Event, NewMessage, Retention, Seq, Store, StoreError,
+    self, Appended, Bounds, CommitFeed, Event, INBOUND_CAPPED_KEEP, InboundFilter, InboundStatus,
+    NewInbound, NewMessage, Retention, Seq, Store, StoreError,
 };
 use serde_json::value::RawValue;
 
@@ -295,6 +296,165 @@ pub async fn concurrent_appends_are_dense_ordered_and_deduped(log: Log) {
     store.close().await;
 }
 
+fn inbound(body: &str, reason: Option<&str>) -> NewInbound {
+    NewInbound {
+        source: "stripe".into(),
+        headers: vec![("stripe-signature".into(), "t=1,v1=00".into())],
+        body: bytes::Bytes::copy_from_slice(body.as_bytes()),
+        body_size: body.len() as u64,
+        reason: reason.map(str::to_string),
+        detail: reason.map(|r| format!("because {r}")),
+    }
+}
+
+/// The inspector's records (`append_webhook`, `record_rejected`, reads and
+/// retention), the same on every store.
+pub async fn webhook_records_live_with_their_events(log: Log) {
+    let (store, mut feed) = log.open().await;
+    let mut m = msg("user:1", Some("evt_1"));
+    m.channels.push("billing".into());
+    m.source = "stripe".into();
+    let (first, id) = store
+        .append_webhook(m.clone(), inbound("{\"n\":1}", None))
+        .await
+        .unwrap();
+    assert_eq!(first, appended(vec![1, 2], false));
+    assert_eq!(
+        feed_events(&mut feed, 2).await.len(),
+        2,
+        "fed like any append"
+    );
+    // A trailing newline: the body is not the stored data, so it is kept apart.
+    let (dup, dup_id) = store
+        .append_webhook(m, inbound("{\"n\":1}\n", None))
+        .await
+        .unwrap();
+    assert_eq!(dup, appended(vec![1], true));
+    assert!(dup_id > id, "ids increase");
+    let rejected = store
+        .record_rejected(inbound("junk", Some("invalid_signature")))
+        .await
+        .unwrap();
+    assert!(rejected > dup_id);
+
+    let got = store.get_inbound(id).await.unwrap().unwrap();
+    assert_eq!(got.status, InboundStatus::Accepted);
+    assert!(!got.duplicate);
+    assert_eq!(
+        got.body.as_deref(),
+        Some(&b"{\"n\":1}"[..]),
+        "read back whole"
+    );
+    assert_eq!(
+        got.headers,
+        vec![("stripe-signature".to_string(), "t=1,v1=00".to_string())]
+    );
+    assert_eq!(got.seqs, vec![1, 2]);
+    assert_eq!(got.channels, vec!["user:1", "billing"]);
+    assert_eq!(got.source_id.as_deref(), Some("evt_1"));
+    assert_eq!(got.kind.as_deref(), Some("t"));
+    let got = store.get_inbound(dup_id).await.unwrap().unwrap();
+    assert!(got.duplicate);
+    assert_eq!(got.seqs, vec![1]);
+    assert_eq!(got.body.as_deref(), Some(&b"{\"n\":1}\n"[..]));
+    let got = store.get_inbound(rejected).await.unwrap().unwrap();
+    assert_eq!(got.status, InboundStatus::Rejected);
+    assert_eq!(got.reason.as_deref(), Some("invalid_signature"));
+    assert_eq!(got.detail.as_deref(), Some("because invalid_signature"));
+    assert_eq!(got.body.as_deref(), Some(&b"junk"[..]));
+    assert_eq!(store.get_inbound(rejected + 1000).await.unwrap(), None);
+
+    let all = store
+        .list_inbound(InboundFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        all.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![rejected, dup_id, id],
+        "newest first"
+    );
+    assert!(all.iter().all(|r| r.body.is_none() && r.headers.is_empty()));
+    let only = |status, source: &str, before| InboundFilter {
+        status: Some(status),
+        source: Some(source.into()),
+        limit: 10,
+        before,
+    };
+    let count = |f| {
+        let store = store.clone();
+        async move { store.list_inbound(f).await.unwrap().len() }
+    };
+    assert_eq!(
+        count(only(InboundStatus::Accepted, "stripe", None)).await,
+        2
+    );
+    assert_eq!(
+        count(only(InboundStatus::Accepted, "stripe", Some(dup_id))).await,
+        1
+    );
+    assert_eq!(
+        count(only(InboundStatus::Rejected, "stripe", None)).await,
+        1
+    );
+    assert_eq!(
+        count(only(InboundStatus::Rejected, "github", None)).await,
+        0
+    );
+
+    // Retention takes an accepted record with its events; refusals stay.
+    store
+        .prune(Retention {
+            max_age_ms: -1_000_000,
+            max_events: 0,
+            dedupe_window_ms: i64::MAX,
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.get_inbound(id).await.unwrap(), None);
+    assert!(store.get_inbound(rejected).await.unwrap().is_some());
+    store.close().await;
+}
+
+/// Refusals and duplicates are capped by count; accepted records are not.
+pub async fn inbound_refusals_are_capped_by_count(log: Log) {
+    let (store, _feed) = log.open().await;
+    let mut m = msg("a", Some("kept"));
+    m.source = "stripe".into();
+    let (_, accepted) = store.append_webhook(m, inbound("{}", None)).await.unwrap();
+    let extra = 5;
+    let mut last = 0;
+    for i in 0..INBOUND_CAPPED_KEEP + extra {
+        last = store
+            .record_rejected(inbound(&format!("{i}"), Some("invalid_signature")))
+            .await
+            .unwrap();
+    }
+    let rejected = store
+        .list_inbound(InboundFilter {
+            status: Some(InboundStatus::Rejected),
+            limit: 10_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(rejected.len(), INBOUND_CAPPED_KEEP);
+    assert_eq!(rejected[0].id, last, "the newest are kept");
+    let oldest = store
+        .get_inbound(rejected.last().unwrap().id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(oldest.body.as_deref(), Some(format!("{extra}").as_bytes()));
+    assert!(
+        store.get_inbound(accepted).await.unwrap().is_some(),
+        "accepted records are not counted against the cap"
+    );
+    store.close().await;
+}
+
 macro_rules! store_suite {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -322,4 +482,6 @@ store_suite!(
     prune_by_count_keeps_the_newest,
     batches_are_consecutive_and_multi_channel_messages_share_a_key,
     concurrent_appends_are_dense_ordered_and_deduped,
+    webhook_records_live_with_their_events,
+    inbound_refusals_are_capped_by_count,
 );

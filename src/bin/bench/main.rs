@@ -9,6 +9,7 @@
 //!   pushgate-bench publish --concurrency 64 --seconds 5
 //!   pushgate-bench sqlite-baseline --batch 64 --seconds 5
 //!   pushgate-bench deliver --endpoints 100 --events 1000 --rate 20 --seconds 5
+//!   pushgate-bench webhooks --url http://127.0.0.1:8080/webhooks/demo --secret whsec_… [--concurrency 64]
 //!   pushgate-bench pg      --url postgres://postgres@127.0.0.1:5432/postgres --nodes 1,3 --publishers 64
 
 mod deliver;
@@ -16,6 +17,7 @@ mod fanout;
 mod pg;
 mod publish;
 mod target;
+mod webhooks;
 
 use std::collections::HashMap;
 
@@ -35,10 +37,11 @@ fn main() {
             "publish" => publish::publish(&opts).await,
             "sqlite-baseline" => publish::sqlite_baseline(&opts),
             "deliver" => deliver::deliver(&opts).await,
+            "webhooks" => webhooks::webhooks(&opts).await,
             "pg" => pg::pg(&opts).await,
             _ => {
                 eprintln!(
-                    "usage: pushgate-bench idle|fanout|publish|sqlite-baseline|pg|deliver [--key value]…  (see docs/benchmarks.md)"
+                    "usage: pushgate-bench idle|fanout|publish|sqlite-baseline|pg|webhooks|deliver [--key value]…  (see docs/benchmarks.md)"
                 );
                 std::process::exit(2);
             }
