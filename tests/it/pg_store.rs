@@ -333,3 +333,167 @@ async fn lost_notifications_and_a_dropped_listener_lose_nothing() {
     a.close().await;
     b.close().await;
 }
+
+// ---- the outbound delivery queue, shared by several nodes ----
+
+/// Two nodes claim from one queue at the same time: while leases are valid
+/// no delivery is handed out twice, and every one is handed out once; when
+/// the leases end, every row is claimed again (at least once, by either).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_never_claim_the_same_delivery_and_expired_leases_return() {
+    use pushgate::store::{ClaimWant, now_ms};
+    use std::collections::HashMap;
+
+    let db = PgTestDb::create().await;
+    let (a, _fa) = node(&db).await;
+    let (b, _fb) = node(&db).await;
+    const ENDPOINTS: usize = 4;
+    const PER_ENDPOINT: i64 = 150;
+    let mut all = Vec::new();
+    for e in 0..ENDPOINTS {
+        let id = format!("ep_{e}");
+        a.create_endpoint(crate::store_suite::new_endpoint(&id))
+            .await
+            .unwrap();
+        for seq in 1..=PER_ENDPOINT {
+            all.push(crate::store_suite::delivery(&id, seq, 0));
+        }
+    }
+    let total = all.len();
+    assert!(a.enqueue_deliveries(all, None).await.unwrap());
+
+    let start = now_ms();
+    let lease_until = start + 600_000;
+    let wants = || {
+        (0..ENDPOINTS)
+            .map(|e| ClaimWant {
+                endpoint_id: format!("ep_{e}"),
+                max: 7,
+            })
+            .collect::<Vec<_>>()
+    };
+    // Each node claims in a loop until the queue has nothing due for it.
+    let drain = |store: Arc<PostgresStore>| async move {
+        let mut got = Vec::new();
+        let mut empty_rounds = 0;
+        while empty_rounds < 3 {
+            let c = store
+                .claim_deliveries(wants(), start, lease_until)
+                .await
+                .expect("claim");
+            if c.deliveries.is_empty() {
+                empty_rounds += 1;
+            } else {
+                empty_rounds = 0;
+            }
+            got.extend(c.deliveries.into_iter().map(|d| (d.id, d.attempt)));
+        }
+        got
+    };
+    let (got_a, got_b) = tokio::join!(
+        tokio::spawn(drain(a.clone())),
+        tokio::spawn(drain(b.clone()))
+    );
+    let (got_a, got_b) = (got_a.unwrap(), got_b.unwrap());
+    assert!(
+        !got_a.is_empty() && !got_b.is_empty(),
+        "both nodes took part: {} / {}",
+        got_a.len(),
+        got_b.len()
+    );
+    let mut seen: HashMap<i64, u32> = HashMap::new();
+    for (id, attempt) in got_a.iter().chain(&got_b) {
+        assert_eq!(*attempt, 1, "a first claim");
+        *seen.entry(*id).or_default() += 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "claimed twice under a valid lease: {twice:?}"
+    );
+    assert_eq!(seen.len(), total, "every delivery was claimed once");
+
+    // Still leased: neither node gets anything, however often it asks.
+    for store in [&a, &b] {
+        let c = store
+            .claim_deliveries(wants(), now_ms(), now_ms() + 1000)
+            .await
+            .unwrap();
+        assert!(c.deliveries.is_empty());
+        assert!(c.next_due.iter().all(|(_, due)| *due == Some(lease_until)));
+    }
+
+    // The leases end (the nodes "died"): the rows come back, once each.
+    let after = lease_until + 1;
+    let again = |store: Arc<PostgresStore>| async move {
+        let mut got = Vec::new();
+        loop {
+            let c = store
+                .claim_deliveries(wants(), after, after + 600_000)
+                .await
+                .unwrap();
+            if c.deliveries.is_empty() {
+                return got;
+            }
+            got.extend(c.deliveries.into_iter().map(|d| (d.id, d.attempt)));
+        }
+    };
+    let (r_a, r_b) = tokio::join!(
+        tokio::spawn(again(a.clone())),
+        tokio::spawn(again(b.clone()))
+    );
+    let mut reclaimed: Vec<(i64, u32)> = r_a.unwrap().into_iter().chain(r_b.unwrap()).collect();
+    reclaimed.sort();
+    assert!(reclaimed.iter().all(|(_, attempt)| *attempt == 2));
+    let mut ids: Vec<i64> = reclaimed.iter().map(|(id, _)| *id).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), reclaimed.len(), "no row reclaimed twice");
+    let mut expected: Vec<i64> = seen.into_keys().collect();
+    expected.sort();
+    assert_eq!(ids, expected, "every expired lease was claimed again");
+    a.close().await;
+    b.close().await;
+}
+
+/// Two nodes' dispatchers advance the outbox cursor from the same place at
+/// once: exactly one wins, and only the winner's deliveries are queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_dispatchers_advance_the_outbox_cursor_once() {
+    use pushgate::store::{AttemptStatus, OutboxAdvance};
+
+    let db = PgTestDb::create().await;
+    let (a, _fa) = node(&db).await;
+    let (b, _fb) = node(&db).await;
+    a.create_endpoint(crate::store_suite::new_endpoint("ep_1"))
+        .await
+        .unwrap();
+    for round in 0..20i64 {
+        let from = round * 10;
+        let advance = Some(OutboxAdvance {
+            from,
+            to: from + 10,
+        });
+        let batch = || {
+            (from + 1..=from + 10)
+                .map(|seq| crate::store_suite::delivery("ep_1", seq, 0))
+                .collect::<Vec<_>>()
+        };
+        let (ra, rb) = tokio::join!(
+            a.enqueue_deliveries(batch(), advance),
+            b.enqueue_deliveries(batch(), advance)
+        );
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        assert!(
+            ra ^ rb,
+            "round {round}: exactly one advance wins ({ra}, {rb})"
+        );
+        assert_eq!(b.outbox_cursor().await.unwrap(), from + 10);
+    }
+    let pending = a
+        .list_attempts("ep_1", Some(AttemptStatus::Pending), 1000)
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 200, "each event's delivery queued once");
+    a.close().await;
+    b.close().await;
+}

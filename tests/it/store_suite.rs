@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use pushgate::config::StoreConfig;
 use pushgate::store::{
-    self, Appended, Bounds, CommitFeed, Event, INBOUND_CAPPED_KEEP, InboundFilter, InboundStatus,
-    NewInbound, NewMessage, Retention, Seq, Store, StoreError,
+    self, Appended, AttemptOutcome, AttemptStatus, Bounds, ClaimWant, CommitFeed, Delivery,
+    EndpointPatch, Event, Health, INBOUND_CAPPED_KEEP, InboundFilter, InboundStatus, NewDelivery,
+    NewEndpoint, NewInbound, NewMessage, NextStep, OutboxAdvance, Retention, Seq, Store,
+    StoreError, now_ms,
 };
 use serde_json::value::RawValue;
 
@@ -455,6 +457,284 @@ pub async fn inbound_refusals_are_capped_by_count(log: Log) {
     store.close().await;
 }
 
+// ---- outbound webhooks: endpoints, the outbox cursor, the delivery queue ----
+
+pub fn new_endpoint(id: &str) -> NewEndpoint {
+    NewEndpoint {
+        id: id.into(),
+        url: "http://example.com/".into(),
+        channels: vec!["a".into()],
+        types: vec![],
+        description: String::new(),
+        enabled: true,
+        rate_limit: None,
+        secret: "whsec_x".into(),
+    }
+}
+
+pub fn delivery(endpoint: &str, seq: Seq, due: i64) -> NewDelivery {
+    NewDelivery {
+        endpoint_id: endpoint.into(),
+        seq,
+        event_id: format!("{seq}-t"),
+        msg_id: format!("msg_{seq}"),
+        payload: bytes::Bytes::from_static(b"{}"),
+        next_ms: due,
+    }
+}
+
+fn outcome(d: &Delivery, next: NextStep, health: Health) -> AttemptOutcome {
+    AttemptOutcome {
+        delivery_id: d.id,
+        endpoint_id: d.endpoint_id.clone(),
+        event_id: d.event_id.clone(),
+        msg_id: d.msg_id.clone(),
+        attempt: d.attempt,
+        succeeded: next == NextStep::Succeeded,
+        response_status: Some(500),
+        response_body: None,
+        error: None,
+        duration_ms: 1,
+        at_ms: now_ms(),
+        next,
+        health,
+    }
+}
+
+pub async fn outbox_cursor_claims_leases_and_attempts(log: Log) {
+    let (store, _feed) = log.open().await;
+    store.append(vec![msg("a", None)]).await.unwrap();
+    let ep = store.create_endpoint(new_endpoint("ep_1")).await.unwrap();
+    assert_eq!(ep.from_seq, 1, "an endpoint starts at the head");
+    assert_eq!(store.get_endpoint("ep_1").await.unwrap(), Some(ep.clone()));
+    assert_eq!(store.list_endpoints().await.unwrap(), vec![ep]);
+    assert_eq!(store.get_endpoint("ep_2").await.unwrap(), None);
+    assert!(
+        store.create_endpoint(new_endpoint("ep_1")).await.is_err(),
+        "ids are unique"
+    );
+
+    // The cursor moves only from where it is, together with its rows.
+    assert_eq!(store.outbox_cursor().await.unwrap(), 0);
+    let adv = |from, to| Some(OutboxAdvance { from, to });
+    assert!(
+        !store
+            .enqueue_deliveries(vec![delivery("ep_1", 1, 0)], adv(5, 6))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .list_attempts("ep_1", None, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a refused advance writes nothing"
+    );
+    assert!(
+        store
+            .enqueue_deliveries(
+                vec![delivery("ep_1", 1, 0), delivery("ep_1", 2, 0)],
+                adv(0, 2)
+            )
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.outbox_cursor().await.unwrap(), 2);
+
+    let want = || {
+        vec![ClaimWant {
+            endpoint_id: "ep_1".into(),
+            max: 1,
+        }]
+    };
+    let now = now_ms();
+    let c = store
+        .claim_deliveries(want(), now, now + 60_000)
+        .await
+        .unwrap();
+    assert_eq!(c.deliveries.len(), 1);
+    let first = c.deliveries[0].clone();
+    assert_eq!(
+        (first.seq, first.attempt, first.url.as_str()),
+        (1, 1, "http://example.com/")
+    );
+    assert_eq!(
+        c.next_due,
+        vec![("ep_1".to_string(), Some(0))],
+        "the second row is due"
+    );
+    let c = store
+        .claim_deliveries(want(), now, now + 60_000)
+        .await
+        .unwrap();
+    assert_eq!(c.deliveries[0].seq, 2, "a leased row is not claimed twice");
+    assert_eq!(
+        c.next_due[0].1,
+        Some(now + 60_000),
+        "next due: the lease's end"
+    );
+    assert!(
+        store
+            .claim_deliveries(want(), now, now + 60_000)
+            .await
+            .unwrap()
+            .deliveries
+            .is_empty()
+    );
+
+    // The first fails and is rescheduled; the endpoint starts failing.
+    store
+        .record_attempts(vec![outcome(
+            &first,
+            NextStep::RetryAt(now - 1),
+            Health::Failed,
+        )])
+        .await
+        .unwrap();
+    let e = store.get_endpoint("ep_1").await.unwrap().unwrap();
+    assert!(e.failing_since_ms.is_some());
+    let again = store
+        .claim_deliveries(want(), now, now + 60_000)
+        .await
+        .unwrap()
+        .deliveries;
+    assert_eq!((again[0].seq, again[0].attempt), (1, 2));
+    // A result from the lost first lease changes nothing; the holder's does.
+    store
+        .record_attempts(vec![outcome(&first, NextStep::GiveUp, Health::Failed)])
+        .await
+        .unwrap();
+    let pending = store
+        .list_attempts("ep_1", Some(AttemptStatus::Pending), 10)
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 2, "{pending:?}");
+    store
+        .record_attempts(vec![outcome(
+            &again[0],
+            NextStep::Succeeded,
+            Health::Succeeded,
+        )])
+        .await
+        .unwrap();
+    let e = store.get_endpoint("ep_1").await.unwrap().unwrap();
+    assert_eq!(e.failing_since_ms, None, "a success clears the failure");
+    let all = store.list_attempts("ep_1", None, 10).await.unwrap();
+    let shape: Vec<(&str, u32)> = all.iter().map(|a| (a.status.as_str(), a.attempt)).collect();
+    assert_eq!(
+        shape,
+        [
+            ("pending", 2),
+            ("succeeded", 2),
+            ("failed", 1),
+            ("failed", 1)
+        ]
+    );
+    let failed = store
+        .list_attempts("ep_1", Some(AttemptStatus::Failed), 10)
+        .await
+        .unwrap();
+    assert_eq!(failed.len(), 2);
+    assert_eq!(failed[0].response_status, Some(500));
+
+    // A lease held when its node died comes back: on SQLite (one process
+    // owns the log) at the next open, on PostgreSQL (other nodes may hold
+    // leases) when it ends.
+    store.close().await;
+    let (store, _feed) = log.open().await;
+    let at = match log {
+        Log::Sqlite(_) => now_ms(),
+        Log::Postgres(_) => {
+            let still_held = store
+                .claim_deliveries(want(), now_ms(), now_ms() + 60_000)
+                .await
+                .unwrap();
+            assert!(still_held.deliveries.is_empty(), "a live lease is kept");
+            now + 60_001
+        }
+    };
+    let c = store
+        .claim_deliveries(want(), at, at + 60_000)
+        .await
+        .unwrap();
+    assert_eq!((c.deliveries[0].seq, c.deliveries[0].attempt), (2, 2));
+
+    // Patching: rotation keeps the previous secret until it expires.
+    let e = store
+        .update_endpoint(
+            "ep_1",
+            EndpointPatch {
+                url: Some("http://example.org/x".into()),
+                rate_limit: Some(Some(7)),
+                rotate: Some(pushgate::store::SecretRotation {
+                    secret: "whsec_y".into(),
+                    previous_expires_ms: now_ms() + 60_000,
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (e.url.as_str(), e.rate_limit, e.secrets.len()),
+        ("http://example.org/x", Some(7), 2)
+    );
+    assert_eq!(e.secrets[0].secret, "whsec_y");
+    assert_eq!(store.get_endpoint("ep_1").await.unwrap(), Some(e));
+    assert!(
+        store
+            .update_endpoint("ep_2", EndpointPatch::default())
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Disabling stops claims; deleting removes everything.
+    let e = store
+        .update_endpoint(
+            "ep_1",
+            EndpointPatch {
+                enabled: Some(false),
+                disabled_reason: Some("why".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (e.enabled, e.disabled_reason.as_deref()),
+        (false, Some("why"))
+    );
+    store
+        .enqueue_deliveries(vec![delivery("ep_1", 3, 0)], None)
+        .await
+        .unwrap();
+    let c = store
+        .claim_deliveries(want(), now_ms(), now_ms() + 1)
+        .await
+        .unwrap();
+    assert!(c.deliveries.is_empty());
+    assert_eq!(c.next_due, vec![("ep_1".to_string(), None)]);
+    assert!(
+        store.prune_deliveries(now_ms() + 1).await.unwrap() >= 3,
+        "finished rows and attempts go"
+    );
+    assert!(store.delete_endpoint("ep_1").await.unwrap());
+    assert!(!store.delete_endpoint("ep_1").await.unwrap());
+    assert!(
+        store
+            .list_attempts("ep_1", None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.list_endpoints().await.unwrap().is_empty());
+    store.close().await;
+}
+
 macro_rules! store_suite {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -484,4 +764,5 @@ store_suite!(
     concurrent_appends_are_dense_ordered_and_deduped,
     webhook_records_live_with_their_events,
     inbound_refusals_are_capped_by_count,
+    outbox_cursor_claims_leases_and_attempts,
 );
