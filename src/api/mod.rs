@@ -21,7 +21,7 @@ use http::{HeaderValue, StatusCode, header};
 use tower_http::trace::TraceLayer;
 
 use crate::AppState;
-use crate::transport::{poll, sse};
+use crate::transport::{poll, sse, ws};
 use error::ApiError;
 
 pub fn router(app: Arc<AppState>) -> Router {
@@ -29,6 +29,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/v1/publish", post(publish::publish))
         .route("/v1/stream", get(sse::stream))
         .route("/v1/events", get(poll::events))
+        .route("/v1/ws", get(ws::upgrade))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
