@@ -342,7 +342,9 @@ impl Config {
         };
         let overrides: BTreeMap<String, String> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with("PUSHGATE_"))
+            // Every key lives in a section, so a variable without `__` (such
+            // as PUSHGATE_LOG, the log filter) is not a configuration key.
+            .filter(|(k, _)| k.starts_with("PUSHGATE_") && k.contains("__"))
             .collect();
         for (key, value) in overrides {
             apply_env_override(&mut table, &key, &value)?;
@@ -537,6 +539,7 @@ mod tests {
                 ("PUSHGATE_AUTH__PUBLISH_KEYS", "[\"pk_1\",\"pk_2\"]"),
                 ("PUSHGATE_LIMITS__STREAMS_PER_CLIENT", "7"),
                 ("OTHER", "x"),
+                ("PUSHGATE_LOG", "debug"),
             ],
         )
         .unwrap();

@@ -92,6 +92,7 @@ pub async fn serve(
     let tls = server::tls_acceptor(&config.server)?;
     let result = server::run(
         listener,
+        app.clone(),
         router,
         tls,
         &config.server,

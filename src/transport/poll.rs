@@ -97,6 +97,7 @@ pub async fn events(
             Err(_) | Ok(Signal::Closed) => return Ok(reply(&app, std::iter::empty(), last, reset)),
             Ok(Signal::Ping) => continue,
             Ok(Signal::Lagged) => {
+                app.metrics.lagged_subscribers.increment(1);
                 let page = app.store.read(&channels, last, limit).await?;
                 let encoded: Vec<EncodedEvent> = page
                     .events

@@ -19,7 +19,7 @@ use axum::extract::{RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::future::BoxFuture;
-use http::{HeaderMap, HeaderValue, header};
+use http::{HeaderMap, HeaderValue};
 use http_body::Frame;
 
 use super::{Start, cursor, query_pairs, query_value, requested_channels, resolve_start};
@@ -38,9 +38,33 @@ pub async fn stream(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let pairs = query_pairs(raw.as_deref());
-    let channels = requested_channels(&app, &pairs)?;
-    let creds = Credentials::from_request(&headers, query_value(&pairs, "token"));
+    let body = open(&app, &headers, raw.as_deref()).await?;
+    let mut resp = Body::new(body).into_response();
+    for (name, value) in RESPONSE_HEADERS {
+        resp.headers_mut()
+            .insert(*name, HeaderValue::from_static(value));
+    }
+    Ok(resp)
+}
+
+/// Headers of every SSE response (besides framing).
+pub const RESPONSE_HEADERS: &[(&str, &str)] = &[
+    ("content-type", "text/event-stream"),
+    ("cache-control", "no-store"),
+    ("x-accel-buffering", "no"),
+];
+
+/// Checks a stream request (channels, token, cursor), registers with the hub
+/// and returns the body. Shared by the hyper handler and the lean HTTP/1.1
+/// path in `server::sse_h1`, so both refuse and resume identically.
+pub async fn open(
+    app: &Arc<AppState>,
+    headers: &HeaderMap,
+    raw_query: Option<&str>,
+) -> Result<SseBody, ApiError> {
+    let pairs = query_pairs(raw_query);
+    let channels = requested_channels(app, &pairs)?;
+    let creds = Credentials::from_request(headers, query_value(&pairs, "token"));
     let grant = app.auth.authorize_subscribe(&creds, &channels)?;
 
     // A browser's reconnect carries Last-Event-ID; it wins over the query,
@@ -55,11 +79,11 @@ pub async fn stream(
         .or_else(|| query_value(&pairs, "since").filter(|v| *v == "earliest"));
 
     let subscription = app.hub.subscribe(&channels);
-    let start = resolve_start(&app, cursor_text).await?;
+    let start = resolve_start(app, cursor_text).await?;
     let named = matches!(query_value(&pairs, "named"), Some("1" | "true"));
 
-    let body = SseBody {
-        preamble: Some(preamble(&app, start)),
+    Ok(SseBody {
+        preamble: Some(preamble(app, start)),
         phase: Phase::CatchUp(None),
         last: start.after,
         subscription,
@@ -69,17 +93,9 @@ pub async fn stream(
         expires_at: grant.and_then(|g| g.expires_at),
         scratch: Vec::new(),
         deliveries: app.metrics.deliveries_sse.clone(),
+        lags: app.metrics.lagged_subscribers.clone(),
         _open: GaugeGuard::new(&app.metrics.streams_sse),
-    };
-    let mut resp = Body::new(body).into_response();
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(resp)
+    })
 }
 
 /// The first chunk: the `retry:` hint, and the reset notice if the cursor
@@ -114,7 +130,8 @@ enum Phase {
     Done,
 }
 
-struct SseBody {
+/// An event stream as an HTTP body: polled by hyper, or by `server::sse_h1`.
+pub struct SseBody {
     preamble: Option<Bytes>,
     phase: Phase,
     /// Highest seq written to this stream (or skipped past by a full scan).
@@ -126,6 +143,7 @@ struct SseBody {
     expires_at: Option<u64>,
     scratch: Vec<Arc<EncodedEvent>>,
     deliveries: metrics::Counter,
+    lags: metrics::Counter,
     _open: GaugeGuard,
 }
 
@@ -238,7 +256,10 @@ impl http_body::Body for SseBody {
                                 return Poll::Ready(Some(Ok(Frame::data(chunk))));
                             }
                         }
-                        Signal::Lagged => this.phase = Phase::CatchUp(None),
+                        Signal::Lagged => {
+                            this.lags.increment(1);
+                            this.phase = Phase::CatchUp(None);
+                        }
                         Signal::Ping => {
                             if this.expires_at.is_some_and(|exp| unix_now() >= exp) {
                                 this.phase = Phase::Done;

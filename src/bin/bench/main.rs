@@ -1,13 +1,98 @@
 //! pushgate-bench: load generator for pushgate and, in the same run, Nginx +
 //! Nchan (../shared/bench). Every mode prints one JSON object per target.
-//! Each benchmark mode lives in its own file beside this one.
+//! Each benchmark mode lives in its own file beside this one; what they share
+//! (starting a fresh server, reading its CPU and RSS, raw SSE clients) is here.
+//!
+//! Usage (release build; see docs/benchmarks.md for the full commands):
+//!   pushgate-bench idle    --target pushgate|nchan --conns 10000
+//!   pushgate-bench fanout  --target pushgate|nchan --subs 1000 --events 200 [--rate 2]
+//!   pushgate-bench publish --concurrency 64 --seconds 5
+//!   pushgate-bench sqlite-baseline --batch 64 --seconds 5
+
+mod fanout;
+mod publish;
+mod target;
+
+use std::collections::HashMap;
 
 fn main() {
-    let mode = std::env::args().nth(1).unwrap_or_default();
-    match mode.as_str() {
-        _ => {
-            eprintln!("usage: pushgate-bench <mode> [options]   (see docs/benchmarks.md)");
-            std::process::exit(2);
+    let mut args = std::env::args().skip(1);
+    let mode = args.next().unwrap_or_default();
+    let opts = Opts::parse(args.collect());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(opts.get("client-threads", 1usize))
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let result = rt.block_on(async {
+        match mode.as_str() {
+            "idle" => fanout::idle(&opts).await,
+            "fanout" => fanout::fanout(&opts).await,
+            "publish" => publish::publish(&opts).await,
+            "sqlite-baseline" => publish::sqlite_baseline(&opts),
+            _ => {
+                eprintln!(
+                    "usage: pushgate-bench idle|fanout|publish|sqlite-baseline [--key value]…  (see docs/benchmarks.md)"
+                );
+                std::process::exit(2);
+            }
+        }
+    });
+    match result {
+        Ok(v) => println!("{v}"),
+        Err(e) => {
+            eprintln!("pushgate-bench: {e}");
+            std::process::exit(1);
         }
     }
+}
+
+/// `--key value` options.
+pub struct Opts(HashMap<String, String>);
+
+impl Opts {
+    fn parse(args: Vec<String>) -> Opts {
+        let mut map = HashMap::new();
+        let mut it = args.into_iter().peekable();
+        while let Some(a) = it.next() {
+            if let Some(k) = a.strip_prefix("--") {
+                let v = match it.peek() {
+                    Some(v) if !v.starts_with("--") => it.next().unwrap(),
+                    _ => "true".to_string(),
+                };
+                map.insert(k.to_string(), v);
+            }
+        }
+        Opts(map)
+    }
+
+    pub fn get<T: std::str::FromStr>(&self, key: &str, default: T) -> T {
+        self.0
+            .get(key)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    }
+
+    pub fn str(&self, key: &str, default: &str) -> String {
+        self.0
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| default.to_string())
+    }
+}
+
+/// Percentile of sorted samples.
+pub fn pct(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
 }

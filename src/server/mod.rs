@@ -5,6 +5,13 @@
 //! head (slow or half-open connections are closed, not kept); on shutdown the
 //! listener closes first, then streams are ended (`on_shutdown`), then open
 //! requests get `drain` to finish.
+//!
+//! Plain-text `GET /v1/stream` over HTTP/1.x is recognised from the first
+//! bytes and served by `sse_h1`, which keeps no per-connection buffers
+//! (hyper keeps ~16 KiB per connection, which dominates an idle stream's
+//! cost). Everything else — other routes, HTTP/2, TLS — goes to hyper.
+
+mod sse_h1;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,8 +28,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 use tower::ServiceExt;
 
-use crate::ServeError;
 use crate::config::ServerConfig;
+use crate::{AppState, ServeError};
 
 pub fn tls_acceptor(cfg: &ServerConfig) -> Result<Option<TlsAcceptor>, ServeError> {
     let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else {
@@ -62,8 +69,10 @@ fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
     b
 }
 
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     listener: TcpListener,
+    app: Arc<AppState>,
     router: Router,
     tls: Option<TlsAcceptor>,
     cfg: &ServerConfig,
@@ -96,9 +105,18 @@ pub async fn run(
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();
+        let app = app.clone();
         match tls.clone() {
             None => {
                 tokio::spawn(async move {
+                    match sse_h1::sniff(&stream, handshake_timeout).await {
+                        sse_h1::Sniffed::Nothing => return,
+                        sse_h1::Sniffed::SseHead(head_len) => {
+                            sse_h1::serve(app, stream, peer, head_len).await;
+                            return;
+                        }
+                        sse_h1::Sniffed::Other => {}
+                    }
                     let conn =
                         builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     let _ = watcher.watch(conn.into_owned()).await;
