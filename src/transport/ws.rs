@@ -387,16 +387,20 @@ impl Connection {
                 }
             }
         };
-        // Best effort: a peer that stopped reading gets no more of our time.
+        // Best effort, bounded: a peer that stopped reading gets no more of
+        // our time. After a close frame, wait briefly for the peer's reply
+        // (the closing handshake), so our close is not lost to a reset.
+        let handshake = closing.is_some();
         let frames: Vec<Message> = std::mem::take(&mut self.out)
             .into_iter()
             .chain(closing.map(|c| Message::Close(Some(c))))
             .collect();
         if !frames.is_empty() {
-            let _ = tokio::time::timeout(
-                std::time::Duration::from_secs(1),
-                send_all(&mut socket, frames),
-            )
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+                if send_all(&mut socket, frames).await.is_ok() && handshake {
+                    while let Some(Ok(_)) = socket.next().await {}
+                }
+            })
             .await;
         }
     }
