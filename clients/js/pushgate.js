@@ -338,16 +338,35 @@ class StreamConnection extends Connection {
       // misses nothing.
       sub.cursor = (await (await this.get('/v1/events', this.channelPairs(), abort.signal)).json()).next
     }
-    const res = await this.get('/v1/stream', [...this.channelPairs(), ['last_event_id', sub.cursor]], abort.signal)
+    const fallBack = () => { this.mode = 'poll'; abort.why = 'fallback'; abort.abort() }
+    // No bytes (some proxies hold back the headers too) within
+    // fallbackAfter: something between us buffers the stream.
+    let timer = env.setTimeout(fallBack, this.client.fallbackAfter)
+    let res
+    try {
+      res = await this.get('/v1/stream', [...this.channelPairs(), ['last_event_id', sub.cursor]], abort.signal)
+    } catch (e) { env.clearTimeout(timer); throw e }
     const reader = res.body.getReader()
     const decoder = new TextDecoder()
     let gotBytes = false
-    let timer = env.setTimeout(() => {
-      // Headers but no bytes: something between us buffers the stream.
-      this.mode = 'poll'
-      abort.why = 'fallback'
-      abort.abort()
-    }, this.client.fallbackAfter)
+    // Some proxies pass the first bytes and hold back the rest. Until a lone
+    // heartbeat (`: ping`) gets through, ask the log now and then whether it
+    // has an event this stream has not delivered.
+    let proven = false
+    let probe
+    const check = async () => {
+      if (proven || abort.signal.aborted) return
+      const before = sub.cursor
+      try {
+        const page = await (await this.get('/v1/events', [...this.channelPairs(), ['after', before], ['limit', 1]], abort.signal)).json()
+        if (page.events.length && sub.cursor === before) {
+          await sleepFor(env, 1000, abort.signal) // an event in flight gets a moment
+          if (!proven && sub.cursor === before && !abort.signal.aborted) return fallBack()
+        }
+      } catch { return }
+      probe = env.setTimeout(check, this.client.fallbackAfter)
+    }
+    probe = env.setTimeout(check, this.client.fallbackAfter)
     const parser = new SseParser((m) => {
       if (m.event === 'message') return sub.deliver(JSON.parse(m.data))
       if (m.event === 'pushgate.reset') return sub.reset(JSON.parse(m.data))
@@ -359,11 +378,13 @@ class StreamConnection extends Connection {
         if (done) break
         env.clearTimeout(timer)
         timer = env.setTimeout(() => { abort.why = 'idle'; abort.abort() }, this.client.idleTimeout)
-        if (!gotBytes) { gotBytes = true; this.opened() }
-        parser.push(decoder.decode(value, { stream: true }))
+        const text = decoder.decode(value, { stream: true })
+        if (!gotBytes) { gotBytes = true; this.opened() } else if (text.startsWith(': ping')) proven = true
+        parser.push(text)
       }
     } finally {
       env.clearTimeout(timer)
+      env.clearTimeout(probe)
       reader.cancel().catch(() => {})
     }
   }

@@ -5,6 +5,7 @@
 //! never the query string (it may hold `?token=`); bodies are read with the
 //! configured limit and refused with 413 while streaming, never buffered whole.
 
+pub mod demo;
 pub mod error;
 pub mod publish;
 
@@ -30,6 +31,10 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/v1/stream", get(sse::stream))
         .route("/v1/events", get(poll::events))
         .route("/v1/ws", get(ws::upgrade))
+        .route("/demo", get(demo::page))
+        .route("/demo/pay", post(demo::pay))
+        .route("/client.js", get(demo::client_js))
+        .route("/client.d.ts", get(demo::client_dts))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))

@@ -265,3 +265,40 @@ test('offline stops reconnecting; online reconnects at once', async () => {
   assert.equal(pg.state, 'open')
   pg.close()
 })
+
+test('a proxy that passes the first bytes but holds back events is caught by the probe', async () => {
+  const f = fakeFetch()
+  let stream
+  f.handlers['/v1/stream'].push((req) => { stream = sseStream(req); return stream.response })
+  // The probe finds an event the stream has not delivered; then polling takes over.
+  f.handlers['/v1/events'].push(() => json({ events: [{ id: '8-t', channel: 'c', data: 1 }], next: '8-t', reset: false }))
+  f.handlers['/v1/events'].push(() => json({ events: [{ id: '8-t', channel: 'c', data: 1 }], next: '8-t', reset: false }))
+  const got = []
+  const pg = new Pushgate('http://pg.test', { ...fast, env: env({ fetch: f.fetch }) })
+  const sub = pg.subscribe('c', (e) => got.push(e.id), { since: '7-t' })
+  await until(() => stream, 'stream')
+  stream.write('retry: 2000\n: pushgate\n\n')
+  await until(() => sub.transport === 'poll', 'fallback', 4000)
+  await until(() => got.length === 1, 'the held-back event, by polling')
+  assert.deepEqual(got, ['8-t'])
+  const probe = f.requests.find((r) => r.path === '/v1/events')
+  assert.equal(probe.q.get('after'), '7-t')
+  assert.equal(probe.q.get('limit'), '1')
+  pg.close()
+})
+
+test('a stream whose heartbeat gets through is trusted: no more probes', async () => {
+  const f = fakeFetch()
+  let stream
+  f.handlers['/v1/stream'].push((req) => { stream = sseStream(req); return stream.response })
+  const pg = new Pushgate('http://pg.test', { ...fast, env: env({ fetch: f.fetch }) })
+  const sub = pg.subscribe('c', () => {}, { since: '7-t' })
+  await until(() => stream, 'stream')
+  stream.write('retry: 2000\n\n')
+  await tick(10)
+  stream.write(': ping\n\n')
+  await tick(200)
+  assert.equal(f.requests.filter((r) => r.path === '/v1/events').length, 0)
+  assert.equal(sub.transport, 'sse')
+  pg.close()
+})
