@@ -287,7 +287,9 @@ struct Connection {
     subs: Vec<ChannelSub>,
     /// Frames to write at the end of this turn of the loop.
     out: Vec<Message>,
-    publishes: FuturesOrdered<BoxFuture<'static, Message>>,
+    /// Created on the first publish: most connections never publish, and an
+    /// empty `FuturesOrdered` still allocates.
+    publishes: Publishes,
     budget: FrameBudget,
     /// When a ping went out with nothing heard from the peer since.
     silent_since: Option<Instant>,
@@ -329,7 +331,7 @@ impl Connection {
             expires_at,
             subs: Vec::new(),
             out: Vec::new(),
-            publishes: FuturesOrdered::new(),
+            publishes: None,
             silent_since: None,
             _slot: slot,
             app,
@@ -347,7 +349,7 @@ impl Connection {
                     Signal::Ping => if let Some(c) = self.on_heartbeat(&cfg) { break Some(c) },
                     Signal::Events | Signal::Lagged => {}
                 },
-                incoming = socket.next(), if self.publishes.len() < cfg.max_inflight_publishes => match incoming {
+                incoming = socket.next(), if in_flight(&self.publishes) < cfg.max_inflight_publishes => match incoming {
                     None => break None,
                     Some(Err(e)) => {
                         if is_capacity_error(&e) {
@@ -363,7 +365,7 @@ impl Connection {
                     }
                     Some(Ok(msg)) => if let Some(c) = self.on_message(msg).await { break Some(c) },
                 },
-                Some(reply) = self.publishes.next(), if !self.publishes.is_empty() => self.out.push(reply),
+                Some(reply) = next_reply(&mut self.publishes), if in_flight(&self.publishes) > 0 => self.out.push(reply),
                 polled = std::future::poll_fn(|cx| {
                     let before = self.out.len();
                     for sub in self.subs.iter_mut() {
@@ -662,7 +664,8 @@ impl Connection {
             return self.out.push(api_error_frame(e, reference.as_ref()));
         }
         let app = self.app.clone();
-        self.publishes.push_back(Box::pin(async move {
+        let publishes = self.publishes.get_or_insert_with(FuturesOrdered::new);
+        publishes.push_back(Box::pin(async move {
             let started = Instant::now();
             match app.store.append(vec![message]).await {
                 Ok(appended) => {
@@ -728,6 +731,19 @@ impl Connection {
         self.out.push(op_frame(
             json!({"op": "refreshed", "exp": grant.expires_at, "ref": reference}),
         ));
+    }
+}
+
+type Publishes = Option<FuturesOrdered<BoxFuture<'static, Message>>>;
+
+fn in_flight(publishes: &Publishes) -> usize {
+    publishes.as_ref().map_or(0, FuturesOrdered::len)
+}
+
+async fn next_reply(publishes: &mut Publishes) -> Option<Message> {
+    match publishes {
+        Some(p) => p.next().await,
+        None => None,
     }
 }
 

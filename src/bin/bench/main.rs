@@ -8,10 +8,13 @@
 //!   pushgate-bench fanout  --target pushgate|nchan --subs 1000 --events 200 [--rate 2]
 //!   pushgate-bench publish --concurrency 64 --seconds 5
 //!   pushgate-bench sqlite-baseline --batch 64 --seconds 5
+//!   pushgate-bench ws-idle   --target pushgate|nchan --conns 10000
+//!   pushgate-bench ws-fanout --target pushgate|nchan --subs 10000 --events 50
 
 mod fanout;
 mod publish;
 mod target;
+mod ws;
 
 use std::collections::HashMap;
 
@@ -30,9 +33,10 @@ fn main() {
             "fanout" => fanout::fanout(&opts).await,
             "publish" => publish::publish(&opts).await,
             "sqlite-baseline" => publish::sqlite_baseline(&opts),
+            m @ ("ws-idle" | "ws-fanout") => ws::run(m, &opts).await,
             _ => {
                 eprintln!(
-                    "usage: pushgate-bench idle|fanout|publish|sqlite-baseline [--key value]…  (see docs/benchmarks.md)"
+                    "usage: pushgate-bench idle|fanout|publish|sqlite-baseline|ws-idle|ws-fanout [--key value]…  (see docs/benchmarks.md)"
                 );
                 std::process::exit(2);
             }
