@@ -16,6 +16,12 @@ if command -v pg_lsclusters >/dev/null 2>&1; then
   fi
 fi
 
+# --- openssl CLI (the auth tests generate RSA and EC keys with it) ----------
+if ! command -v openssl >/dev/null 2>&1; then
+  log "installing openssl"
+  apt-get update -qq && apt-get install -y -qq openssl
+fi
+
 # --- Browser tests: Debian's Chromium, and nginx as a buffering proxy ------
 missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)

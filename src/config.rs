@@ -67,6 +67,29 @@ pub struct ServerConfig {
     pub header_timeout: Dur,
     /// Origins allowed by CORS (`*` allows any, without credentials).
     pub cors_origins: Vec<String>,
+    /// Reverse proxies (CIDRs or addresses) whose `X-Forwarded-For` names
+    /// the client, for per-client limits. Empty: the peer is the client.
+    pub trusted_proxies: Vec<String>,
+}
+
+impl ServerConfig {
+    /// `trusted_proxies` as networks (a plain address is a /32 or /128).
+    pub fn trusted_proxies(&self) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        self.trusted_proxies
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                t.parse::<ipnet::IpNet>()
+                    .or_else(|_| t.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        ConfigError::invalid(
+                            format!("server.trusted_proxies[{i}]"),
+                            format!("`{t}` is not an address or CIDR like 10.0.0.0/8"),
+                        )
+                    })
+            })
+            .collect()
+    }
 }
 
 impl Default for ServerConfig {
@@ -81,6 +104,7 @@ impl Default for ServerConfig {
             subscriber_queue: 4096,
             header_timeout: Dur::secs(10),
             cors_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -112,7 +136,7 @@ impl Default for StoreConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     pub jwt_secret: Option<String>,
@@ -120,6 +144,28 @@ pub struct AuthConfig {
     pub publish_keys: Vec<String>,
     pub admin_keys: Vec<String>,
     pub public_channels: Vec<String>,
+}
+
+/// Secrets are never shown, so a `Config` may be logged.
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field(
+                "jwt_secret",
+                &self.jwt_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("jwt_public_key_file", &self.jwt_public_key_file)
+            .field(
+                "publish_keys",
+                &format!("<{} redacted>", self.publish_keys.len()),
+            )
+            .field(
+                "admin_keys",
+                &format!("<{} redacted>", self.admin_keys.len()),
+            )
+            .field("public_channels", &self.public_channels)
+            .finish()
+    }
 }
 
 impl AuthConfig {
@@ -407,6 +453,41 @@ impl Config {
                 ConfigError::invalid(format!("delivery.allow_targets[{i}]"), e.to_string())
             })?;
         }
+        if self.server.cors_origins.len() > 1 && self.server.cors_origins.iter().any(|o| o == "*") {
+            return Err(ConfigError::invalid(
+                "server.cors_origins",
+                "`*` (any origin, without credentials) must be the only entry",
+            ));
+        }
+        for (i, origin) in self.server.cors_origins.iter().enumerate() {
+            check_origin(origin)
+                .map_err(|m| ConfigError::invalid(format!("server.cors_origins[{i}]"), m))?;
+        }
+        self.server.trusted_proxies()?;
+        for (i, p) in self.auth.public_channels.iter().enumerate() {
+            if !crate::auth::Pattern::is_valid(p) {
+                return Err(ConfigError::invalid(
+                    format!("auth.public_channels[{i}]"),
+                    format!("`{p}` is not a channel name, optionally ending in `*`"),
+                ));
+            }
+        }
+        if let Some(s) = &self.auth.jwt_secret
+            && s.is_empty()
+        {
+            return Err(ConfigError::invalid(
+                "auth.jwt_secret",
+                "is empty; remove it or set a long random secret",
+            ));
+        }
+        for (key, list) in [
+            ("auth.publish_keys", &self.auth.publish_keys),
+            ("auth.admin_keys", &self.auth.admin_keys),
+        ] {
+            if let Some(i) = list.iter().position(|k| k.trim().is_empty()) {
+                return Err(ConfigError::invalid(format!("{key}[{i}]"), "is empty"));
+            }
+        }
         if self.websocket.max_message.0 < 1024 {
             return Err(ConfigError::invalid(
                 "websocket.max_message",
@@ -439,6 +520,23 @@ impl Config {
             )
         })
     }
+}
+
+/// `*`, or an origin as browsers send it: `scheme://host[:port]`, no path.
+fn check_origin(origin: &str) -> Result<(), String> {
+    if origin == "*" {
+        return Ok(());
+    }
+    let normalized = crate::auth::normalize_origin(origin);
+    let url = url::Url::parse(&normalized)
+        .map_err(|e| format!("`{origin}` is not an origin like https://app.example.com ({e})"))?;
+    let rebuilt = url.origin().ascii_serialization();
+    if !matches!(url.scheme(), "http" | "https") || rebuilt != normalized {
+        return Err(format!(
+            "`{origin}` is not an origin like https://app.example.com (scheme, host and port only)"
+        ));
+    }
+    Ok(())
 }
 
 fn apply_env_override(table: &mut toml::Table, var: &str, raw: &str) -> Result<(), ConfigError> {
@@ -560,6 +658,39 @@ mod tests {
         assert!(e.to_string().contains("store.url"), "{e}");
         let e = load_str("not toml = = 1", &[]).unwrap_err();
         assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
+    }
+
+    #[test]
+    fn auth_and_cors_settings_are_checked() {
+        let ok = load_str(
+            "[server]\ncors_origins = [\"https://app.example.com\", \"http://localhost:3000/\"]\ntrusted_proxies = [\"10.0.0.0/8\", \"127.0.0.1\"]\n[auth]\npublic_channels = [\"prices.*\", \"news\"]",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(ok.server.trusted_proxies().unwrap().len(), 2);
+        let e = load_str("[server]\ncors_origins = [\"https://a.com/path\"]", &[]).unwrap_err();
+        assert!(e.to_string().contains("server.cors_origins[0]"), "{e}");
+        let e = load_str("[server]\ncors_origins = [\"*\", \"https://a.com\"]", &[]).unwrap_err();
+        assert!(e.to_string().contains("only entry"), "{e}");
+        let e = load_str("[server]\ncors_origins = [\"a.com\"]", &[]).unwrap_err();
+        assert!(e.to_string().contains("server.cors_origins[0]"), "{e}");
+        let e = load_str("[server]\ntrusted_proxies = [\"proxy\"]", &[]).unwrap_err();
+        assert!(e.to_string().contains("server.trusted_proxies[0]"), "{e}");
+        let e = load_str("[auth]\npublic_channels = [\"a*b\"]", &[]).unwrap_err();
+        assert!(e.to_string().contains("auth.public_channels[0]"), "{e}");
+        let e = load_str("[auth]\njwt_secret = \"\"", &[]).unwrap_err();
+        assert!(e.to_string().contains("auth.jwt_secret"), "{e}");
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let c = load_str(
+            "[auth]\njwt_secret = \"SECRET_A\"\npublish_keys = [\"SECRET_B\"]\nadmin_keys = [\"SECRET_C\"]",
+            &[],
+        )
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("SECRET_"), "{shown}");
     }
 
     #[test]

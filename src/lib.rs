@@ -56,6 +56,15 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
+/// Development mode (no keys) is open to anyone who can connect, so it
+/// only listens on loopback unless `config.insecure` (`serve --insecure`).
+pub fn check_listen(config: &Config, local: std::net::SocketAddr) -> Result<(), ServeError> {
+    if config.auth.is_development() && !local.ip().is_loopback() && !config.insecure {
+        return Err(ServeError::InsecureListen(local));
+    }
+    Ok(())
+}
+
 /// How long shutdown waits for open requests before dropping them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
 
@@ -68,14 +77,26 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let local = listener.local_addr()?;
-    if config.auth.is_development() && !local.ip().is_loopback() && !config.insecure {
-        return Err(ServeError::InsecureListen(local));
+    check_listen(&config, local)?;
+    if config.auth.is_development() {
+        if local.ip().is_loopback() {
+            tracing::warn!(
+                "DEVELOPMENT MODE: no keys are configured, so no key or token is required anywhere; loopback only"
+            );
+        } else {
+            tracing::warn!(
+                %local,
+                "INSECURE: development mode on a non-loopback address (--insecure): anyone who can reach it can read and write every channel"
+            );
+        }
     }
     let config = Arc::new(config);
+    // Before the store opens, so a bad key file stops start-up cleanly.
+    let auth = Auth::new(&config.auth, &config.server.cors_origins)?;
     let (store, feed) = store::open(&config.store).await?;
     let hub = Arc::new(Hub::new(store.log_tag(), config.server.subscriber_queue));
     let app = Arc::new(AppState {
-        auth: Auth::new(&config.auth)?,
+        auth,
         limits: Limits::new(&config.limits),
         metrics: Metrics::new(),
         config: config.clone(),

@@ -3,25 +3,31 @@
 //! Invariants: every response that is not a success is the contract's JSON
 //! error (404 and 405 included); request logs carry method and path only,
 //! never the query string (it may hold `?token=`); bodies are read with the
-//! configured limit and refused with 413 while streaming, never buffered whole.
+//! configured limit and refused with 413 while streaming, never buffered whole;
+//! CORS answers preflights before any route runs, and only origins listed in
+//! `server.cors_origins` may send credentials (the cookie flow).
 
 pub mod demo;
 pub mod error;
 pub mod publish;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, FromRequest, Request, State};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
-use http::{HeaderValue, StatusCode, header};
+use http::request::Parts;
+use http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::AppState;
+use crate::auth::Credentials;
 use crate::transport::{poll, sse, ws};
 use error::ApiError;
 
@@ -35,6 +41,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/demo/pay", post(demo::pay))
         .route("/client.js", get(demo::client_js))
         .route("/client.d.ts", get(demo::client_dts))
+        .route("/", get(dashboard))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
@@ -44,11 +51,73 @@ pub fn router(app: Arc<AppState>) -> Router {
             app.clone(),
             limit_failed_checks,
         ))
+        .layer(tower::util::option_layer(cors(
+            &app.config.server.cors_origins,
+        )))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             // The path only: a query string may carry a token.
             tracing::info_span!("http", method = %req.method(), path = %req.uri().path())
         }))
         .with_state(app)
+}
+
+/// CORS from `server.cors_origins`: nothing (same-origin only) when empty;
+/// `*` lets any page read, without credentials; otherwise exactly the listed
+/// origins, with credentials, so `EventSource(url, {withCredentials: true})`
+/// can carry the `pushgate_token` cookie. (`Config` has validated the list.)
+pub fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let layer = CorsLayer::new()
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PATCH,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("last-event-id"),
+        ])
+        .expose_headers([header::RETRY_AFTER])
+        .max_age(Duration::from_secs(3600));
+    if origins.iter().any(|o| o == "*") {
+        return Some(layer.allow_origin(AllowOrigin::any()));
+    }
+    let list: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(&crate::auth::normalize_origin(o)).ok())
+        .collect();
+    Some(
+        layer
+            .allow_origin(AllowOrigin::list(list))
+            .allow_credentials(true),
+    )
+}
+
+/// Extractor for admin routes (inbound inspector, endpoints, anything that
+/// shows raw payloads): an admin key in `Authorization`, else 401.
+pub struct Admin;
+
+impl FromRequestParts<Arc<AppState>> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<AppState>) -> Result<Self, ApiError> {
+        let creds = Credentials::from_request(&parts.headers, None);
+        app.auth.authorize_admin(&creds)?;
+        Ok(Admin)
+    }
+}
+
+/// The client's address as the server saw it (the peer, or what a trusted
+/// proxy forwarded), for per-client limits.
+pub fn client_ip(parts_extensions: &http::Extensions) -> Option<IpAddr> {
+    parts_extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
 }
 
 /// The request body, read up to `server.max_body`; larger bodies get 413
@@ -87,17 +156,17 @@ impl FromRequest<Arc<AppState>> for RawBody {
     }
 }
 
-/// Counts failed key, token and signature checks per client address; past
-/// `limits.invalid_per_client` per second they are answered 429.
+/// Counts failed key, token and signature checks (every 401 and 403) per
+/// client address; past `limits.invalid_per_client` per second they are
+/// answered 429 instead. It runs after the handler and never touches a
+/// response that passed its checks, so a valid webhook is never refused for
+/// rate, whatever else its address sends.
 async fn limit_failed_checks(
     State(app): State<Arc<AppState>>,
     req: Request,
     next: Next,
 ) -> Response {
-    let client = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
+    let client = client_ip(req.extensions());
     let resp = next.run(req).await;
     if matches!(
         resp.status(),
@@ -120,6 +189,12 @@ async fn method_not_allowed() -> ApiError {
         "method_not_allowed",
         "method not allowed on this route",
     )
+}
+
+/// The dashboard: live events, the inbound inspector, endpoints and attempts.
+/// One static page; it talks to the same admin API as everyone else.
+async fn dashboard() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("dashboard.html"))
 }
 
 async fn healthz() -> &'static str {

@@ -2,13 +2,14 @@
 //!
 //! Invariants: the reply is sent only after the events are durable; a batch
 //! is validated whole before anything is written, so a bad event stores
-//! nothing; the payload is stored as the bytes that arrived.
+//! nothing; the payload is stored as the bytes that arrived; credentials are
+//! checked before the body is read, and every channel of a batch is checked
+//! against a token's `publish` grant before anything is stored.
 
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::State;
-use http::HeaderMap;
+use axum::extract::{FromRequest, Request, State};
 use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
@@ -83,9 +84,13 @@ pub fn to_message(
 
 pub async fn publish(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    RawBody(body): RawBody,
+    req: Request,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    // Credentials first: an anonymous client gets its 401 before we read
+    // (up to `max_body` of) what it sends.
+    let creds = Credentials::from_request(req.headers(), None);
+    let publisher = app.auth.authenticate_publish(&creds)?;
+    let RawBody(body) = RawBody::from_request(req, &app).await?;
     let parsed: PublishBody = serde_json::from_slice(&body).map_err(|e| {
         if e.is_data() {
             ApiError::bad_request(
@@ -123,8 +128,7 @@ pub async fn publish(
         .collect::<Result<Vec<_>, _>>()?;
 
     let channels: Vec<&str> = messages.iter().map(|m| m.channels[0].as_str()).collect();
-    let creds = Credentials::from_request(&headers, None);
-    let publisher = app.auth.authorize_publish(&creds, &channels)?;
+    let publisher = publisher.authorize(&channels)?;
     app.limits.check_publish(&publisher, messages.len())?;
 
     let started = std::time::Instant::now();

@@ -4,6 +4,7 @@
 //! done by the library (`serve`) so the CLI stays thin.
 
 pub mod serve;
+pub mod token;
 
 use clap::{Parser, Subcommand};
 
@@ -22,11 +23,14 @@ pub struct Cli {
 pub enum Command {
     /// Run the server (zero configuration: 127.0.0.1:8080, ./pushgate.db, development mode).
     Serve(serve::ServeArgs),
+    /// Mint an HS256 subscriber token (JWT) and print it.
+    Token(token::TokenArgs),
 }
 
 /// Runs the CLI; the return value is the process exit code.
 pub async fn run(cli: Cli) -> i32 {
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
+        Command::Token(args) => token::run(args),
     }
 }

@@ -35,6 +35,11 @@ pub async fn run(args: ServeArgs) -> i32 {
             return 2;
         }
     };
+    // Refuse an open development server before binding or printing anything.
+    if let Err(e) = crate::check_listen(&config, addr) {
+        eprintln!("pushgate: {e}");
+        return 2;
+    }
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {
@@ -73,10 +78,15 @@ fn print_banner(config: &Config, addr: std::net::SocketAddr) {
     if config.auth.is_development() {
         println!();
         println!("  !! DEVELOPMENT MODE: no keys are configured, so no key or token is required");
-        println!(
-            "  !! anywhere. This is only allowed on a loopback address. Set auth.publish_keys,"
-        );
-        println!("  !! auth.admin_keys and auth.jwt_secret before exposing pushgate.");
+        if addr.ip().is_loopback() {
+            println!(
+                "  !! anywhere. This is only allowed on a loopback address. Set auth.publish_keys,"
+            );
+            println!("  !! auth.admin_keys and auth.jwt_secret before exposing pushgate.");
+        } else {
+            println!("  !! anywhere, and --insecure put it on {addr}: ANYONE WHO CAN REACH THIS");
+            println!("  !! ADDRESS CAN READ AND WRITE EVERY CHANNEL. Configure keys instead.");
+        }
     }
 }
 

@@ -6,6 +6,12 @@
 //! listener closes first, then streams are ended (`on_shutdown`), then open
 //! requests get `drain` to finish.
 //!
+//! Every request carries the client's address (`ConnectInfo` for the
+//! router): the peer's, or, when the peer is one of `server.trusted_proxies`,
+//! the last address in `X-Forwarded-For` that is not a trusted proxy (a
+//! client cannot spoof it past a proxy that appends). HTTP/2 requests get a
+//! `Host` header from their `:authority`, so same-origin checks see one shape.
+//!
 //! Plain-text `GET /v1/stream` over HTTP/1.x is recognised from the first
 //! bytes and served by `sse_h1`, which keeps no per-connection buffers
 //! (hyper keeps ~16 KiB per connection, which dominates an idle stream's
@@ -14,6 +20,7 @@
 mod sse_h1;
 
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +30,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use ipnet::IpNet;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
@@ -69,6 +77,33 @@ fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// The client behind `peer`: walk `X-Forwarded-For` from the right (the
+/// entries our own proxies appended) past every trusted proxy.
+pub fn client_addr(peer: SocketAddr, trusted: &[IpNet], headers: &http::HeaderMap) -> SocketAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(&ip.to_canonical()));
+    if trusted.is_empty() || !is_trusted(peer.ip()) {
+        return peer;
+    }
+    let mut client = peer.ip();
+    let hops = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect::<Vec<_>>();
+    for hop in hops.into_iter().rev() {
+        let Ok(ip) = hop.parse::<IpAddr>() else {
+            break;
+        };
+        client = ip;
+        if !is_trusted(ip) {
+            break;
+        }
+    }
+    SocketAddr::new(client, 0)
+}
+
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     listener: TcpListener,
@@ -80,6 +115,8 @@ pub async fn run(
     on_shutdown: impl FnOnce(),
     drain: Duration,
 ) -> std::io::Result<()> {
+    // Validated by `Config::load`.
+    let trusted: Arc<[IpNet]> = cfg.trusted_proxies().unwrap_or_default().into();
     let builder = builder(cfg);
     let graceful = GracefulShutdown::new();
     let handshake_timeout = cfg.header_timeout.0;
@@ -99,20 +136,31 @@ pub async fn run(
         };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
+        let proxies = trusted.clone();
         let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
-            req.extensions_mut().insert(ConnectInfo(peer));
+            let client = client_addr(peer, &proxies, req.headers());
+            req.extensions_mut().insert(ConnectInfo(client));
+            if !req.headers().contains_key(http::header::HOST)
+                && let Some(host) = req
+                    .uri()
+                    .authority()
+                    .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
+            {
+                req.headers_mut().insert(http::header::HOST, host);
+            }
             router.clone().oneshot(req.map(axum::body::Body::new))
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let app = app.clone();
+        let trusted_h1 = trusted.clone();
         match tls.clone() {
             None => {
                 tokio::spawn(async move {
                     match sse_h1::sniff(&stream, handshake_timeout).await {
                         sse_h1::Sniffed::Nothing => return,
                         sse_h1::Sniffed::SseHead(head_len) => {
-                            sse_h1::serve(app, stream, peer, head_len).await;
+                            sse_h1::serve(app, stream, peer, &trusted_h1, head_len).await;
                             return;
                         }
                         sse_h1::Sniffed::Other => {}
@@ -142,4 +190,27 @@ pub async fn run(
         _ = tokio::time::sleep(drain) => tracing::warn!("shutdown: some connections did not finish in time"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            "6.6.6.6, 1.2.3.4, 10.0.0.2".parse().unwrap(),
+        );
+        let proxy: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        let stranger: SocketAddr = "9.9.9.9:5000".parse().unwrap();
+        // 6.6.6.6 was written by the client itself; 1.2.3.4 by our proxy.
+        assert_eq!(client_addr(proxy, &trusted, &h).ip().to_string(), "1.2.3.4");
+        assert_eq!(client_addr(stranger, &trusted, &h), stranger);
+        assert_eq!(client_addr(proxy, &[], &h), proxy);
+        h.insert("x-forwarded-for", "garbage".parse().unwrap());
+        assert_eq!(client_addr(proxy, &trusted, &h).ip(), proxy.ip());
+    }
 }

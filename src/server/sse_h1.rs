@@ -23,6 +23,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body::Body as _;
+use ipnet::IpNet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -112,7 +113,13 @@ fn parse_head(bytes: &[u8]) -> Option<Head> {
     })
 }
 
-pub async fn serve(app: Arc<AppState>, mut stream: TcpStream, peer: SocketAddr, head_len: usize) {
+pub async fn serve(
+    app: Arc<AppState>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    trusted_proxies: &[IpNet],
+    head_len: usize,
+) {
     let mut raw = vec![0u8; head_len];
     if stream.read_exact(&mut raw).await.is_err() {
         return;
@@ -123,13 +130,14 @@ pub async fn serve(app: Arc<AppState>, mut stream: TcpStream, peer: SocketAddr, 
         return;
     };
     drop(raw);
-    tracing::debug!(path = "/v1/stream", client = %peer.ip(), "sse stream (http/1)");
+    let client = super::client_addr(peer, trusted_proxies, &head.headers).ip();
+    tracing::debug!(path = "/v1/stream", %client, "sse stream (http/1)");
     let origin = head.headers.get(http::header::ORIGIN).cloned();
-    let body = match sse::open(&app, &head.headers, head.query.as_deref()).await {
+    let body = match sse::open(&app, &head.headers, head.query.as_deref(), client).await {
         Ok(b) => b,
         Err(mut e) => {
             if matches!(e.status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
-                && let Err(limited) = app.limits.record_invalid(peer.ip())
+                && let Err(limited) = app.limits.record_invalid(client)
             {
                 e = limited;
             }
@@ -246,7 +254,10 @@ fn push_cors(app: &AppState, origin: Option<&HeaderValue>, head: &mut String) {
         return;
     };
     let allowed = &app.config.server.cors_origins;
-    if allowed.iter().any(|a| a == origin) {
+    if allowed
+        .iter()
+        .any(|a| crate::auth::normalize_origin(a) == origin)
+    {
         head.push_str(&format!(
             "access-control-allow-origin: {origin}\r\naccess-control-allow-credentials: true\r\nvary: origin\r\n"
         ));

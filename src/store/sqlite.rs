@@ -690,13 +690,26 @@ mod tests {
         let batch: Vec<NewMessage> = (0..10).map(|_| msg("a", None)).collect();
         store.append(batch).await.unwrap();
         let removed = store
-            .prune(Retention { max_age_ms: i64::MAX, max_events: 3, dedupe_window_ms: i64::MAX })
+            .prune(Retention {
+                max_age_ms: i64::MAX,
+                max_events: 3,
+                dedupe_window_ms: i64::MAX,
+            })
             .await
             .unwrap();
         assert_eq!(removed, 7);
         let page = store.read(&["a".into()], 0, 100).await.unwrap();
-        assert_eq!(page.events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![8, 9, 10]);
-        assert_eq!(store.bounds().await.unwrap(), Bounds { pruned_through: 7, head: 10 });
+        assert_eq!(
+            page.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![8, 9, 10]
+        );
+        assert_eq!(
+            store.bounds().await.unwrap(),
+            Bounds {
+                pruned_through: 7,
+                head: 10
+            }
+        );
     }
 
     #[tokio::test]

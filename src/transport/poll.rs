@@ -5,12 +5,15 @@
 //!   never skips one (it may move past events of other channels);
 //! - a long-poll that finds nothing registers with the hub and then waits
 //!   without touching the database until the hub wakes it, the wait ends, or
-//!   the server shuts down.
+//!   the server shuts down;
+//! - a request with `wait` holds one of its client's stream slots
+//!   (`limits.streams_per_client`) while it is open.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{RawQuery, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, BytesMut};
 use http::{HeaderMap, HeaderValue, header};
@@ -29,6 +32,7 @@ const MAX_WAIT_SECS: f64 = 60.0;
 
 pub async fn events(
     State(app): State<Arc<AppState>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -60,6 +64,12 @@ pub async fn events(
             .min(MAX_WAIT_SECS),
     };
     let after_text = query_value(&pairs, "after").filter(|v| !v.is_empty());
+    // A long-poll is an open stream for `limits.streams_per_client`.
+    let _slot = if wait > 0.0 {
+        Some(app.limits.open_stream(client.ip())?)
+    } else {
+        None
+    };
 
     let start = resolve_start(&app, after_text).await?;
     let reset = start.reset.is_some();

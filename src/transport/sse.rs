@@ -8,14 +8,19 @@
 //! - everything pending for a subscriber leaves in one chunk (one write);
 //! - a lagged subscriber goes back to reading the log from its cursor;
 //! - the stream ends on shutdown and when the subscriber's token expires
-//!   (checked on each heartbeat).
+//!   (checked on every wake-up, so at the latest on the next heartbeat),
+//!   with a `pushgate.expired` event so the client fetches a new token;
+//! - every stream holds one of its client's `limits.streams_per_client`
+//!   slots until it ends; credentials are checked on every channel before
+//!   the slot is taken or anything is read.
 
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use axum::body::Body;
-use axum::extract::{RawQuery, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::future::BoxFuture;
@@ -27,6 +32,7 @@ use crate::AppState;
 use crate::api::error::ApiError;
 use crate::auth::{Credentials, unix_now};
 use crate::hub::{EncodedEvent, Signal, Subscription};
+use crate::limits::StreamSlot;
 use crate::metrics::GaugeGuard;
 use crate::store::{Page, Seq, Store, StoreError};
 
@@ -35,10 +41,11 @@ const CATCH_UP_PAGE: usize = 500;
 
 pub async fn stream(
     State(app): State<Arc<AppState>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    let body = open(&app, &headers, raw.as_deref()).await?;
+    let body = open(&app, &headers, raw.as_deref(), client.ip()).await?;
     let mut resp = Body::new(body).into_response();
     for (name, value) in RESPONSE_HEADERS {
         resp.headers_mut()
@@ -57,15 +64,18 @@ pub const RESPONSE_HEADERS: &[(&str, &str)] = &[
 /// Checks a stream request (channels, token, cursor), registers with the hub
 /// and returns the body. Shared by the hyper handler and the lean HTTP/1.1
 /// path in `server::sse_h1`, so both refuse and resume identically.
+/// `client` is the address stream caps count against.
 pub async fn open(
     app: &Arc<AppState>,
     headers: &HeaderMap,
     raw_query: Option<&str>,
+    client: IpAddr,
 ) -> Result<SseBody, ApiError> {
     let pairs = query_pairs(raw_query);
     let channels = requested_channels(app, &pairs)?;
     let creds = Credentials::from_request(headers, query_value(&pairs, "token"));
     let grant = app.auth.authorize_subscribe(&creds, &channels)?;
+    let slot = app.limits.open_stream(client)?;
 
     // A browser's reconnect carries Last-Event-ID; it wins over the query,
     // so a reconnect never replays history twice.
@@ -95,6 +105,7 @@ pub async fn open(
         deliveries: app.metrics.deliveries_sse.clone(),
         lags: app.metrics.lagged_subscribers.clone(),
         _open: GaugeGuard::new(&app.metrics.streams_sse),
+        _slot: slot,
     })
 }
 
@@ -145,6 +156,7 @@ pub struct SseBody {
     deliveries: metrics::Counter,
     lags: metrics::Counter,
     _open: GaugeGuard,
+    _slot: StreamSlot,
 }
 
 impl SseBody {
@@ -250,7 +262,19 @@ impl http_body::Body for SseBody {
                     let mut scratch = std::mem::take(&mut this.scratch);
                     let signal = this.subscription.poll_signal(cx, &mut scratch);
                     this.scratch = scratch;
-                    match ready!(signal) {
+                    let signal = ready!(signal);
+                    // Checked on every wake-up, so a busy stream ends on
+                    // time too; an idle one ends on the next heartbeat.
+                    if signal != Signal::Closed
+                        && this.expires_at.is_some_and(|exp| unix_now() >= exp)
+                    {
+                        this.scratch.clear();
+                        this.phase = Phase::Done;
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+                            b"event: pushgate.expired\ndata: {\"reason\":\"token_expired\"}\n\n",
+                        )))));
+                    }
+                    match signal {
                         Signal::Events => {
                             if let Some(chunk) = this.take_live() {
                                 return Poll::Ready(Some(Ok(Frame::data(chunk))));
@@ -261,12 +285,6 @@ impl http_body::Body for SseBody {
                             this.phase = Phase::CatchUp(None);
                         }
                         Signal::Ping => {
-                            if this.expires_at.is_some_and(|exp| unix_now() >= exp) {
-                                this.phase = Phase::Done;
-                                return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
-                                    b"event: pushgate.expired\ndata: {\"reason\":\"token_expired\"}\n\n",
-                                )))));
-                            }
                             return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
                                 b": ping\n\n",
                             )))));

@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use axum::Extension;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, RawQuery, State};
@@ -42,7 +41,7 @@ use super::{cursor, query_pairs, query_value, resolve_start};
 use crate::AppState;
 use crate::api::error::ApiError;
 use crate::api::publish::to_message;
-use crate::auth::{Credentials, Publisher, unix_now};
+use crate::auth::{Credentials, Grant};
 use crate::hub::{EncodedEvent, Signal, Subscription};
 use crate::limits::StreamSlot;
 use crate::metrics::GaugeGuard;
@@ -71,7 +70,7 @@ pub async fn upgrade(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
-    connect: Option<Extension<ConnectInfo<SocketAddr>>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let ws = ws.map_err(|e| {
@@ -83,11 +82,10 @@ pub async fn upgrade(
     })?;
     let pairs = query_pairs(raw.as_deref());
     let creds = Credentials::from_request(&headers, query_value(&pairs, "token"));
-    let expires_at = check_credentials(&app, &creds)?;
-    let slot = match connect {
-        Some(Extension(ConnectInfo(peer))) => Some(app.limits.open_stream(peer.ip())?),
-        None => None,
-    };
+    // A credential that is presented must be good (401 before upgrading);
+    // none at all reaches public channels only.
+    let grant = app.auth.authenticate(&creds)?;
+    let slot = app.limits.open_stream(client.ip())?;
     let cfg = &app.config.websocket;
     let ws = ws
         .read_buffer_size(cfg.read_buffer.0)
@@ -95,26 +93,9 @@ pub async fn upgrade(
         .max_message_size(cfg.max_message.0)
         .max_frame_size(cfg.max_message.0);
     Ok(ws.on_upgrade(move |socket| async move {
-        let conn = Connection::new(app, creds, expires_at, slot);
+        let conn = Connection::new(app, creds, grant, slot);
         conn.run(socket).await;
     }))
-}
-
-/// A token presented on the upgrade must be good (401 otherwise, before
-/// upgrading); no token at all is fine and reaches public channels only.
-/// Returns when the token expires.
-fn check_credentials(app: &AppState, creds: &Credentials) -> Result<Option<u64>, ApiError> {
-    if app.auth.is_development() || creds.token().is_none() {
-        return Ok(None);
-    }
-    // A publish key (backends publishing over WebSocket) or a valid token.
-    match app.auth.authorize_publish(creds, &[])? {
-        Publisher::Key(_) | Publisher::Development => Ok(None),
-        Publisher::Subject(_) => {
-            let token = creds.token().unwrap_or_default();
-            Ok(app.auth.verify_token(token)?.expires_at)
-        }
-    }
 }
 
 enum Phase {
@@ -281,8 +262,11 @@ impl FrameBudget {
 
 struct Connection {
     app: Arc<AppState>,
+    /// What the upgrade presented: publishes are checked against it.
     creds: Credentials,
-    expires_at: Option<u64>,
+    /// The verified token (or admin key), if any: subscriptions are checked
+    /// against it, and the connection ends when it expires.
+    grant: Option<Grant>,
     control: Subscription,
     subs: Vec<ChannelSub>,
     /// Frames to write at the end of this turn of the loop.
@@ -293,7 +277,7 @@ struct Connection {
     budget: FrameBudget,
     /// When a ping went out with nothing heard from the peer since.
     silent_since: Option<Instant>,
-    _slot: Option<StreamSlot>,
+    _slot: StreamSlot,
     _open: GaugeGuard,
 }
 
@@ -320,15 +304,15 @@ impl Connection {
     fn new(
         app: Arc<AppState>,
         creds: Credentials,
-        expires_at: Option<u64>,
-        slot: Option<StreamSlot>,
+        grant: Option<Grant>,
+        slot: StreamSlot,
     ) -> Connection {
         Connection {
             control: app.hub.subscribe(&[CONTROL.to_string()]),
             budget: FrameBudget::new(app.config.websocket.messages_per_second),
             _open: GaugeGuard::new(&app.metrics.streams_ws),
             creds,
-            expires_at,
+            grant,
             subs: Vec::new(),
             out: Vec::new(),
             publishes: None,
@@ -409,7 +393,7 @@ impl Connection {
 
     /// The hub's heartbeat: end an expired token, drop a silent peer, ping.
     fn on_heartbeat(&mut self, cfg: &crate::config::WebSocketConfig) -> Option<CloseFrame> {
-        if self.expires_at.is_some_and(|exp| unix_now() >= exp) {
+        if self.grant.as_ref().is_some_and(Grant::is_expired) {
             self.out.push(error_frame(
                 "token_expired",
                 "the token has expired; reconnect with a new one",
@@ -564,7 +548,7 @@ impl Connection {
                 reference.as_ref(),
             ));
         }
-        if let Err(e) = self.app.auth.authorize_subscribe(&self.creds, &channels) {
+        if let Err(e) = self.app.auth.check_subscribe(self.grant.as_ref(), &channels) {
             return self
                 .out
                 .push(api_error_frame(e.into(), reference.as_ref()));
@@ -710,26 +694,25 @@ impl Connection {
                     .push(api_error_frame(e.into(), reference.as_ref()));
             }
         };
-        let creds = Credentials {
-            query_token: Some(token),
-            ..Credentials::default()
-        };
         // The new token must still cover everything this connection reads.
         for sub in &self.subs {
             if let Err(e) = self
                 .app
                 .auth
-                .authorize_subscribe(&creds, sub.subscription.channels())
+                .check_subscribe(Some(&grant), sub.subscription.channels())
             {
                 return self
                     .out
                     .push(api_error_frame(e.into(), reference.as_ref()));
             }
         }
-        self.creds = creds;
-        self.expires_at = grant.expires_at;
+        let exp = grant.expires_at;
+        // From now on the new token is the connection's credential.
+        self.creds.bearer = None;
+        self.creds.query_token = Some(token);
+        self.grant = Some(grant);
         self.out.push(op_frame(
-            json!({"op": "refreshed", "exp": grant.expires_at, "ref": reference}),
+            json!({"op": "refreshed", "exp": exp, "ref": reference}),
         ));
     }
 }

@@ -169,6 +169,19 @@ impl SseClient {
         }
     }
 
+    /// Wraps an already-sent request's response (for custom headers).
+    pub fn from_response(resp: reqwest::Response) -> SseClient {
+        assert_eq!(resp.status(), 200, "SSE status");
+        let headers = resp.headers().clone();
+        SseClient {
+            stream: Box::pin(resp.bytes_stream()),
+            buf: Vec::new(),
+            headers,
+            comments: 0,
+            retry: None,
+        }
+    }
+
     /// The next event (comments and `retry:` are consumed along the way).
     /// Panics after `timeout`.
     pub async fn next_timeout(&mut self, timeout: Duration) -> Option<SseEvent> {

@@ -1,6 +1,7 @@
 //! Integration tests: each starts a real pushgate on 127.0.0.1:0 and talks
 //! to it over real HTTP. One binary, many modules, so the suite links once.
 
+mod auth;
 mod common;
 mod core;
 mod browser;
