@@ -409,6 +409,9 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        // Sources (kinds, secrets, routing templates) are checked by the
+        // code that runs them, so the two cannot drift apart.
+        crate::ingest::Sources::from_config(&self.sources)?;
         if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
             return Err(ConfigError::invalid(
                 "server.tls_cert",

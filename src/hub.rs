@@ -64,7 +64,7 @@ impl EncodedEvent {
             source: &event.source,
             source_id: event.source_id.as_deref(),
             time: &time,
-            data: &event.data,
+            data: &one_line(&event.data),
         };
         let json = serde_json::to_vec(&envelope).expect("envelope serializes");
         let mut sse = BytesMut::with_capacity(json.len() + cursor.len() + 13);
@@ -104,6 +104,42 @@ impl EncodedEvent {
             b.put_slice(b"}");
             b.freeze()
         })
+    }
+}
+
+/// The payload without line breaks, so the envelope is one SSE `data:` line.
+/// Payloads are stored as they arrived, and providers send pretty-printed
+/// JSON; outside strings (where valid JSON has no raw control characters)
+/// whitespace means nothing, so dropping it changes no value, key order or
+/// number as written. Payloads without line breaks are used as they are.
+fn one_line(data: &RawValue) -> std::borrow::Cow<'_, RawValue> {
+    let text = data.get();
+    if !text.bytes().any(|b| b == b'\n' || b == b'\r') {
+        return std::borrow::Cow::Borrowed(data);
+    }
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in text.chars() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+            out.push(c);
+        } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
+            out.push(c);
+        }
+    }
+    match RawValue::from_string(out) {
+        Ok(compact) => std::borrow::Cow::Owned(compact),
+        // Cannot happen for valid JSON; keep the original rather than lose it.
+        Err(_) => std::borrow::Cow::Borrowed(data),
     }
 }
 
@@ -384,6 +420,29 @@ mod tests {
         assert!(
             e.ws_text()
                 .starts_with(b"{\"op\":\"event\",\"event\":{\"id\":\"7-abc\"")
+        );
+    }
+
+    #[test]
+    fn multi_line_payloads_become_one_line_without_changing_a_value() {
+        let mut e = event(1, "a");
+        e.data = RawValue::from_string(
+            "{\r\n  \"z\": \"a b\\\"\\n c\",\n  \"a\": [1.50, 12345678901234567890123],\n\t\"e\": {}\n}".into(),
+        )
+        .unwrap();
+        let enc = EncodedEvent::encode(&e, "t");
+        let json = std::str::from_utf8(&enc.json).unwrap();
+        assert!(
+            json.ends_with(
+                r#""data":{"z":"a b\"\n c","a":[1.50,12345678901234567890123],"e":{}}}"#
+            ),
+            "{json}"
+        );
+        assert!(!enc.sse.contains(&b'\r'));
+        assert_eq!(
+            enc.sse.iter().filter(|b| **b == b'\n').count(),
+            3,
+            "id line, data line, blank line"
         );
     }
 

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod hub;
+pub mod ingest;
 pub mod limits;
 pub mod metrics;
 pub mod server;
@@ -38,6 +39,8 @@ pub struct AppState {
     pub auth: Auth,
     pub limits: Limits,
     pub metrics: Metrics,
+    /// Inbound webhook sources by name, built from `config.sources`.
+    pub sources: ingest::Sources,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +49,8 @@ pub enum ServeError {
         "refusing to listen on {0} without keys: development mode is loopback-only (configure auth keys, or pass --insecure)"
     )]
     InsecureListen(std::net::SocketAddr),
+    #[error("configuration error: {0}")]
+    Config(#[from] config::ConfigError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error(transparent)]
@@ -73,7 +78,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
 /// log and returns.
 pub async fn serve(
     listener: TcpListener,
-    config: Config,
+    mut config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let local = listener.local_addr()?;
@@ -90,6 +95,10 @@ pub async fn serve(
             );
         }
     }
+    // Development mode's `demo` Stripe source (the CLI adds it earlier, to
+    // print its secret; then this finds it there and adds nothing).
+    ingest::add_demo_source(&mut config);
+    let sources = ingest::Sources::from_config(&config.sources)?;
     let config = Arc::new(config);
     // Before the store opens, so a bad key file stops start-up cleanly.
     let auth = Auth::new(&config.auth, &config.server.cors_origins)?;
@@ -99,6 +108,7 @@ pub async fn serve(
         auth,
         limits: Limits::new(&config.limits),
         metrics: Metrics::new(),
+        sources,
         config: config.clone(),
         store: store.clone(),
         hub: hub.clone(),

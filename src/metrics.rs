@@ -18,6 +18,10 @@ pub struct Metrics {
     pub streams_ws: Gauge,
     pub streams_poll: Gauge,
     pub lagged_subscribers: Counter,
+    /// Inbound webhooks by outcome.
+    pub webhooks_accepted: Counter,
+    pub webhooks_duplicate: Counter,
+    pub webhooks_rejected: Counter,
 }
 
 const META: Metadata<'static> = Metadata::new("pushgate", metrics::Level::INFO, None);
@@ -54,6 +58,9 @@ impl Metrics {
             deliveries_ws: counter("pushgate_deliveries_total", &[("transport", "ws")]),
             deliveries_poll: counter("pushgate_deliveries_total", &[("transport", "poll")]),
             lagged_subscribers: counter("pushgate_subscriber_lags_total", &[]),
+            webhooks_accepted: counter("pushgate_webhooks_total", &[("result", "accepted")]),
+            webhooks_duplicate: counter("pushgate_webhooks_total", &[("result", "duplicate")]),
+            webhooks_rejected: counter("pushgate_webhooks_total", &[("result", "rejected")]),
             append_seconds: recorder
                 .register_histogram(&Key::from_name("pushgate_append_seconds"), &META),
             streams_sse: gauge("pushgate_open_streams", "sse"),

@@ -15,11 +15,9 @@ use axum::Extension;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
 use axum::response::{Html, IntoResponse, Response};
-use hmac::{Hmac, Mac};
 use http::{HeaderValue, Request, StatusCode, header};
 use rand::Rng;
 use serde_json::{Value, json};
-use sha2::Sha256;
 use tower::ServiceExt;
 
 use super::error::ApiError;
@@ -29,8 +27,7 @@ const PAGE: &str = include_str!("demo.html");
 const CLIENT_JS: &str = include_str!("../../clients/js/pushgate.js");
 const CLIENT_DTS: &str = include_str!("../../clients/js/pushgate.d.ts");
 
-/// The demo source's name and the user its payments belong to (contract 6).
-pub const DEMO_SOURCE: &str = "demo";
+/// The user the demo's payments belong to (contract 6): channel `user:demo`.
 pub const DEMO_USER: &str = "demo";
 
 pub async fn page() -> Response {
@@ -61,16 +58,6 @@ fn script(body: &'static str, content_type: &'static str) -> Response {
         HeaderValue::from_static("*"),
     );
     resp
-}
-
-/// `Stripe-Signature` for `body` at unix time `ts`: `t=…,v1=<hex HMAC-SHA256
-/// of "{t}.{body}" keyed with the whsec_ string's bytes>`.
-pub fn stripe_signature(secret: &str, ts: u64, body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key");
-    mac.update(ts.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    format!("t={ts},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
 /// A realistic `payment_intent.succeeded` for the demo user.
@@ -110,25 +97,22 @@ pub async fn pay(
             "the demo's Pay button only exists in development mode",
         ));
     }
-    let secret = app
-        .config
-        .sources
-        .iter()
-        .find(|s| s.name == DEMO_SOURCE && s.kind == "stripe")
-        .and_then(|s| s.secrets.first())
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "demo_unavailable",
-                "there is no `demo` Stripe source to sign for (development mode adds one)",
-            )
-        })?;
+    let secret = crate::ingest::demo_secret(&app.config).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "demo_unavailable",
+            "there is no `demo` Stripe source to sign for (`pushgate serve` adds one in development mode)",
+        )
+    })?;
     let now = crate::auth::unix_now();
     let amount = 2000 + rand::rng().random_range(0..8) * 500;
     let body = serde_json::to_vec(&payment_event(amount, now)).expect("JSON");
-    let mut req = Request::post(format!("/webhooks/{DEMO_SOURCE}"))
+    let mut req = Request::post(format!("/webhooks/{}", crate::ingest::DEMO_SOURCE))
         .header(header::CONTENT_TYPE, "application/json")
-        .header("stripe-signature", stripe_signature(secret, now, &body))
+        .header(
+            "stripe-signature",
+            crate::ingest::stripe::signature_header(secret, now as i64, &body),
+        )
         .header(header::USER_AGENT, "Stripe/1.0 (+https://stripe.com/docs/webhooks) pushgate-demo")
         .body(Body::from(body))
         .expect("request");
@@ -160,16 +144,6 @@ pub async fn pay(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stripe_signature_matches_stripes_documented_scheme() {
-        // HMAC-SHA256("whsec_test", "1700000000.{}"), computed independently
-        // with `printf '1700000000.{}' | openssl dgst -sha256 -hmac whsec_test`.
-        assert_eq!(
-            stripe_signature("whsec_test", 1_700_000_000, b"{}"),
-            "t=1700000000,v1=35495024f4ef3f94e5a93e22221544c4b75e9a42300cd965ab81cb85cd994e91"
-        );
-    }
 
     #[test]
     fn the_payment_routes_to_the_demo_user() {

@@ -9,6 +9,7 @@
 
 pub mod demo;
 pub mod error;
+pub mod inbound;
 pub mod publish;
 
 use std::net::{IpAddr, SocketAddr};
@@ -34,6 +35,9 @@ use error::ApiError;
 pub fn router(app: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/publish", post(publish::publish))
+        .route("/webhooks/{source}", post(crate::ingest::receive))
+        .route("/v1/inbound", get(inbound::list))
+        .route("/v1/inbound/{id}", get(inbound::get))
         .route("/v1/stream", get(sse::stream))
         .route("/v1/events", get(poll::events))
         .route("/v1/ws", get(ws::upgrade))

@@ -3,6 +3,7 @@
 //! Owns argument parsing and what each subcommand prints; the work itself is
 //! done by the library (`serve`) so the CLI stays thin.
 
+pub mod send;
 pub mod serve;
 pub mod token;
 
@@ -25,6 +26,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Mint an HS256 subscriber token (JWT) and print it.
     Token(token::TokenArgs),
+    /// Sign and send a realistic sample webhook of a provider (stripe, github, shopify, standard, hmac, none).
+    Send(send::SendArgs),
 }
 
 /// Runs the CLI; the return value is the process exit code.
@@ -32,5 +35,6 @@ pub async fn run(cli: Cli) -> i32 {
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
         Command::Token(args) => token::run(args),
+        Command::Send(args) => send::run(args).await,
     }
 }

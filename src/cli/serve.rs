@@ -28,6 +28,8 @@ pub async fn run(args: ServeArgs) -> i32 {
         }
     };
     config.insecure = args.insecure;
+    // Added here rather than inside `serve` so the banner can print its secret.
+    let demo_secret = crate::ingest::add_demo_source(&mut config);
     let addr = match config.listen_addr() {
         Ok(a) => a,
         Err(e) => {
@@ -47,12 +49,19 @@ pub async fn run(args: ServeArgs) -> i32 {
             return 1;
         }
     };
-    print_banner(&config, listener.local_addr().unwrap_or(addr));
+    print_banner(
+        &config,
+        listener.local_addr().unwrap_or(addr),
+        demo_secret.as_deref(),
+    );
     match crate::serve(listener, config, shutdown_signal()).await {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("pushgate: {e}");
-            if matches!(e, crate::ServeError::InsecureListen(_)) {
+            if matches!(
+                e,
+                crate::ServeError::InsecureListen(_) | crate::ServeError::Config(_)
+            ) {
                 2
             } else {
                 1
@@ -61,7 +70,7 @@ pub async fn run(args: ServeArgs) -> i32 {
     }
 }
 
-fn print_banner(config: &Config, addr: std::net::SocketAddr) {
+fn print_banner(config: &Config, addr: std::net::SocketAddr, demo_secret: Option<&str>) {
     let scheme = if config.server.tls_cert.is_some() {
         "https"
     } else {
@@ -75,6 +84,21 @@ fn print_banner(config: &Config, addr: std::net::SocketAddr) {
     );
     println!("  subscribe:  curl -N '{base}/v1/stream?channel=news'");
     println!("  log:        {}", config.store.url);
+    for source in &config.sources {
+        println!(
+            "  webhooks:   {base}/webhooks/{} ({})",
+            source.name, source.kind
+        );
+    }
+    if let Some(secret) = demo_secret {
+        println!();
+        println!("  demo Stripe source, secret {secret}:");
+        println!(
+            "    pushgate send stripe --url {base}/webhooks/{} --secret {secret} --data data.object.metadata.user_id=demo",
+            crate::ingest::DEMO_SOURCE
+        );
+        println!("    curl -N '{base}/v1/stream?channel=user:demo'");
+    }
     if config.auth.is_development() {
         println!();
         println!("  !! DEVELOPMENT MODE: no keys are configured, so no key or token is required");

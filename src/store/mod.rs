@@ -15,6 +15,7 @@ pub mod sqlite;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
@@ -120,6 +121,118 @@ pub trait Store: Send + Sync + 'static {
 
     /// Finishes in-flight appends and closes. Appends after this fail with `Closed`.
     async fn close(&self);
+
+    // ─── Inbound webhooks: the inspector's record (see `crate::ingest`) ───
+    //
+    // Every delivery to `POST /webhooks/{source}` is recorded: its headers,
+    // its raw body and the verdict. What every implementation keeps:
+    // - an accepted delivery is recorded in the same transaction as its
+    //   message (`append_webhook`): there is never an event without its
+    //   record, nor a record of an accepted delivery without its events;
+    // - a record of an accepted, new message lives as long as the message's
+    //   first event: `prune` removes it together with that event;
+    // - records of refused deliveries and of duplicates have no event to
+    //   live with: only the newest `INBOUND_CAPPED_KEEP` of them are kept
+    //   (enforced on every insert), so they cannot fill the disk;
+    // - record ids are strictly increasing and never reused.
+
+    /// Appends one webhook message exactly like `append(vec![message])` (same
+    /// dedupe, same durability, same commit feed) and, in the same
+    /// transaction, records the delivery as accepted, linked to the
+    /// message's events — or, for a duplicate, to the first stored seq.
+    async fn append_webhook(
+        &self,
+        message: NewMessage,
+        inbound: NewInbound,
+    ) -> Result<(Appended, InboundId), StoreError>;
+
+    /// Records a refused delivery (`inbound.reason` is set). Stores no event.
+    async fn record_rejected(&self, inbound: NewInbound) -> Result<InboundId, StoreError>;
+
+    /// Records matching `filter`, newest first, without headers and body.
+    async fn list_inbound(&self, filter: InboundFilter) -> Result<Vec<InboundRecord>, StoreError>;
+
+    /// One record with its headers and raw body; `None` if there is no such
+    /// record (any more).
+    async fn get_inbound(&self, id: InboundId) -> Result<Option<InboundRecord>, StoreError>;
+}
+
+/// Id of an inbound record: strictly increasing, never reused.
+pub type InboundId = i64;
+
+/// Records of refused and duplicate deliveries kept, newest first.
+pub const INBOUND_CAPPED_KEEP: usize = 1000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboundStatus {
+    Accepted,
+    Rejected,
+}
+
+impl InboundStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InboundStatus::Accepted => "accepted",
+            InboundStatus::Rejected => "rejected",
+        }
+    }
+    pub fn parse(text: &str) -> Option<InboundStatus> {
+        match text {
+            "accepted" => Some(InboundStatus::Accepted),
+            "rejected" => Some(InboundStatus::Rejected),
+            _ => None,
+        }
+    }
+}
+
+/// A delivery as it arrived, to be recorded.
+#[derive(Debug, Clone, Default)]
+pub struct NewInbound {
+    /// The `{source}` of the URL (for an unknown source, what was asked for).
+    pub source: String,
+    /// Lower-case names in arrival order; credentials already redacted.
+    pub headers: Vec<(String, String)>,
+    /// The raw body, at most `server.max_body` bytes.
+    pub body: Bytes,
+    /// The body's full size: larger than `body.len()` when it was cut.
+    pub body_size: u64,
+    /// For a refusal: the error code (`invalid_signature`, …) and its message.
+    pub reason: Option<String>,
+    pub detail: Option<String>,
+}
+
+/// A recorded delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundRecord {
+    pub id: InboundId,
+    pub time_ms: i64,
+    pub source: String,
+    pub status: InboundStatus,
+    /// Accepted, but its dedupe key was already stored: no new event.
+    pub duplicate: bool,
+    pub reason: Option<String>,
+    pub detail: Option<String>,
+    /// From the message (accepted deliveries only).
+    pub source_id: Option<String>,
+    pub kind: Option<String>,
+    pub channels: Vec<String>,
+    /// The seqs of the message's events; for a duplicate, the first stored seq.
+    pub seqs: Vec<Seq>,
+    pub body_size: u64,
+    /// Filled by `get_inbound` only.
+    pub headers: Vec<(String, String)>,
+    /// Filled by `get_inbound` only.
+    pub body: Option<Bytes>,
+}
+
+/// Which records `list_inbound` returns: all filters optional.
+#[derive(Debug, Clone, Default)]
+pub struct InboundFilter {
+    pub source: Option<String>,
+    pub status: Option<InboundStatus>,
+    /// Only records older than this id (paging).
+    pub before: Option<InboundId>,
+    pub limit: usize,
 }
 
 /// Opens the store the URL names; the commit feed delivers what it commits.

@@ -22,7 +22,8 @@ use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Appended, Bounds, CommitFeed, Event, NewMessage, Page, Retention, Seq, Store, StoreError,
+    Appended, Bounds, CommitFeed, Event, INBOUND_CAPPED_KEEP, InboundFilter, InboundId,
+    InboundRecord, InboundStatus, NewInbound, NewMessage, Page, Retention, Seq, Store, StoreError,
     now_ms,
 };
 
@@ -52,12 +53,47 @@ CREATE TABLE IF NOT EXISTS dedupe (
     PRIMARY KEY (source, source_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedupe_by_time ON dedupe (time_ms);
+-- The inspector's record of inbound webhooks. `capped = 0`: an accepted new
+-- message, removed with its first event; `capped = 1`: a refusal or a
+-- duplicate, of which the newest INBOUND_CAPPED_KEEP are kept. `body` NULL
+-- means \"the same bytes as the data of event `first_seq`\" (stored once).
+CREATE TABLE IF NOT EXISTS inbound (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time_ms INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    status TEXT NOT NULL,
+    duplicate INTEGER NOT NULL,
+    capped INTEGER NOT NULL,
+    reason TEXT,
+    detail TEXT,
+    source_id TEXT,
+    type TEXT,
+    channels TEXT NOT NULL,
+    seqs TEXT NOT NULL,
+    first_seq INTEGER,
+    headers TEXT NOT NULL,
+    body BLOB,
+    body_size INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS inbound_by_source ON inbound (source, id);
+CREATE INDEX IF NOT EXISTS inbound_by_status ON inbound (status, id);
+CREATE INDEX IF NOT EXISTS inbound_capped ON inbound (id) WHERE capped = 1;
+CREATE INDEX IF NOT EXISTS inbound_by_event ON inbound (first_seq) WHERE capped = 0;
 ";
 
 enum WriteCmd {
     Append {
         messages: Vec<NewMessage>,
         reply: oneshot::Sender<Result<Vec<Appended>, StoreError>>,
+    },
+    Webhook {
+        message: NewMessage,
+        inbound: NewInbound,
+        reply: oneshot::Sender<Result<(Appended, InboundId), StoreError>>,
+    },
+    Rejected {
+        inbound: NewInbound,
+        reply: oneshot::Sender<Result<InboundId, StoreError>>,
     },
     Prune {
         retention: Retention,
@@ -66,6 +102,57 @@ enum WriteCmd {
     Pragmas {
         reply: oneshot::Sender<rusqlite::Result<(String, i64)>>,
     },
+}
+
+/// The writes of one group commit, each run in its own savepoint.
+enum Job {
+    Append {
+        messages: Vec<NewMessage>,
+        reply: oneshot::Sender<Result<Vec<Appended>, StoreError>>,
+    },
+    Webhook {
+        message: NewMessage,
+        inbound: NewInbound,
+        reply: oneshot::Sender<Result<(Appended, InboundId), StoreError>>,
+    },
+    Rejected {
+        inbound: NewInbound,
+        reply: oneshot::Sender<Result<InboundId, StoreError>>,
+    },
+}
+
+enum Outcome {
+    Appended(Vec<Appended>),
+    Webhook(Appended, InboundId),
+    Recorded(InboundId),
+}
+
+impl Job {
+    /// Answers the job's caller; a reply that does not fit the job cannot
+    /// happen (outcomes are made from their own job) and reads as unavailable.
+    fn reply(self, outcome: Result<Outcome, StoreError>) {
+        let mismatch = || StoreError::Unavailable("internal: mismatched write outcome".into());
+        match self {
+            Job::Append { reply, .. } => {
+                let _ = reply.send(outcome.and_then(|o| match o {
+                    Outcome::Appended(a) => Ok(a),
+                    _ => Err(mismatch()),
+                }));
+            }
+            Job::Webhook { reply, .. } => {
+                let _ = reply.send(outcome.and_then(|o| match o {
+                    Outcome::Webhook(a, id) => Ok((a, id)),
+                    _ => Err(mismatch()),
+                }));
+            }
+            Job::Rejected { reply, .. } => {
+                let _ = reply.send(outcome.and_then(|o| match o {
+                    Outcome::Recorded(id) => Ok(id),
+                    _ => Err(mismatch()),
+                }));
+            }
+        }
+    }
 }
 
 pub struct SqliteStore {
@@ -261,10 +348,22 @@ impl Writer {
     }
 
     fn run_group(&mut self, group: Vec<WriteCmd>) {
-        let mut appends = Vec::new();
+        let mut jobs = Vec::new();
         for cmd in group {
             match cmd {
-                WriteCmd::Append { messages, reply } => appends.push((messages, reply)),
+                WriteCmd::Append { messages, reply } => jobs.push(Job::Append { messages, reply }),
+                WriteCmd::Webhook {
+                    message,
+                    inbound,
+                    reply,
+                } => jobs.push(Job::Webhook {
+                    message,
+                    inbound,
+                    reply,
+                }),
+                WriteCmd::Rejected { inbound, reply } => {
+                    jobs.push(Job::Rejected { inbound, reply })
+                }
                 WriteCmd::Prune { retention, reply } => {
                     let _ = reply.send(self.prune(retention).map_err(unavailable));
                 }
@@ -273,25 +372,25 @@ impl Writer {
                 }
             }
         }
-        if appends.is_empty() {
+        if jobs.is_empty() {
             return;
         }
         let head_before = self.head;
         let mut committed: Vec<Event> = Vec::new();
-        let outcomes = match self.append_group(&appends, &mut committed) {
+        let outcomes = match self.run_jobs(&jobs, &mut committed) {
             Ok(outcomes) => outcomes,
             Err(e) => {
                 self.head = head_before;
                 let msg = e.to_string();
                 tracing::error!(error = %msg, "append transaction failed");
-                for (_, reply) in appends {
-                    let _ = reply.send(Err(StoreError::Unavailable(msg.clone())));
+                for job in jobs {
+                    job.reply(Err(StoreError::Unavailable(msg.clone())));
                 }
                 return;
             }
         };
-        for ((_, reply), outcome) in appends.into_iter().zip(outcomes) {
-            let _ = reply.send(outcome);
+        for (job, outcome) in jobs.into_iter().zip(outcomes) {
+            job.reply(outcome);
         }
         if !committed.is_empty() {
             // Blocking here is the backpressure that keeps the hub's queue bounded.
@@ -299,25 +398,45 @@ impl Writer {
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    fn append_group(
+    /// Runs every job of a group in one transaction, each in its own savepoint.
+    fn run_jobs(
         &mut self,
-        appends: &[(
-            Vec<NewMessage>,
-            oneshot::Sender<Result<Vec<Appended>, StoreError>>,
-        )],
+        jobs: &[Job],
         committed: &mut Vec<Event>,
-    ) -> rusqlite::Result<Vec<Result<Vec<Appended>, StoreError>>> {
+    ) -> rusqlite::Result<Vec<Result<Outcome, StoreError>>> {
         let mut tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let now = now_ms();
-        let mut outcomes = Vec::with_capacity(appends.len());
-        for (messages, _) in appends {
+        let mut outcomes = Vec::with_capacity(jobs.len());
+        for job in jobs {
             let head_before = self.head;
             let committed_before = committed.len();
             let mut sp = tx.savepoint()?;
-            match append_messages(&sp, messages, now, &mut self.head, committed) {
+            let result = match job {
+                Job::Append { messages, .. } => {
+                    append_messages(&sp, messages, now, &mut self.head, committed)
+                        .map(Outcome::Appended)
+                }
+                Job::Webhook {
+                    message, inbound, ..
+                } => append_messages(
+                    &sp,
+                    std::slice::from_ref(message),
+                    now,
+                    &mut self.head,
+                    committed,
+                )
+                .and_then(|mut out| {
+                    let appended = out.pop().expect("one outcome per message");
+                    let id = insert_inbound(&sp, inbound, Some((message, &appended)), now)?;
+                    Ok(Outcome::Webhook(appended, id))
+                }),
+                Job::Rejected { inbound, .. } => {
+                    insert_inbound(&sp, inbound, None, now).map(Outcome::Recorded)
+                }
+            };
+            match result {
                 Ok(out) => {
                     sp.commit()?;
                     outcomes.push(Ok(out));
@@ -362,6 +481,10 @@ impl Writer {
             let upto = keep_from.min(oldest + PRUNE_CHUNK) - 1;
             let tx = self.conn.transaction()?;
             let n = tx.execute("DELETE FROM events WHERE seq <= ?1", params![upto])?;
+            tx.execute(
+                "DELETE FROM inbound WHERE capped = 0 AND first_seq <= ?1",
+                params![upto],
+            )?;
             tx.execute(
                 "INSERT INTO meta (key, value) VALUES ('pruned_through', ?1)
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -442,6 +565,109 @@ fn append_messages(
         });
     }
     Ok(out)
+}
+
+/// Records one delivery; `accepted` is the message and its append outcome.
+fn insert_inbound(
+    conn: &Connection,
+    inbound: &NewInbound,
+    accepted: Option<(&NewMessage, &Appended)>,
+    now: i64,
+) -> rusqlite::Result<InboundId> {
+    let headers = serde_json::to_string(&inbound.headers).expect("string pairs serialize");
+    let (status, duplicate, channels, seqs, first_seq, source_id, kind) = match accepted {
+        Some((m, a)) => (
+            InboundStatus::Accepted,
+            a.duplicate,
+            serde_json::to_string(&m.channels).expect("strings serialize"),
+            serde_json::to_string(&a.seqs).expect("numbers serialize"),
+            a.seqs.first().copied(),
+            m.source_id.as_deref(),
+            Some(m.kind.as_str()),
+        ),
+        None => (
+            InboundStatus::Rejected,
+            false,
+            "[]".to_string(),
+            "[]".to_string(),
+            None,
+            None,
+            None,
+        ),
+    };
+    let capped = accepted.is_none() || duplicate;
+    // A new message's body is usually its event's data, byte for byte: keep it once.
+    let body: Option<&[u8]> = match accepted {
+        Some((m, _)) if !duplicate && inbound.body.as_ref() == m.data.get().as_bytes() => None,
+        _ => Some(inbound.body.as_ref()),
+    };
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO inbound (time_ms, source, status, duplicate, capped, reason, detail,
+             source_id, type, channels, seqs, first_seq, headers, body, body_size)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+    )?;
+    insert.execute(params![
+        now,
+        inbound.source,
+        status.as_str(),
+        duplicate,
+        capped,
+        inbound.reason,
+        inbound.detail,
+        source_id,
+        kind,
+        channels,
+        seqs,
+        first_seq,
+        headers,
+        body,
+        inbound.body_size.min(i64::MAX as u64) as i64,
+    ])?;
+    let id = conn.last_insert_rowid();
+    if capped {
+        let mut trim = conn.prepare_cached(
+            "DELETE FROM inbound WHERE capped = 1 AND id <= (
+                 SELECT id FROM inbound WHERE capped = 1 ORDER BY id DESC LIMIT 1 OFFSET ?1)",
+        )?;
+        trim.execute(params![INBOUND_CAPPED_KEEP as i64])?;
+    }
+    Ok(id)
+}
+
+const INBOUND_COLUMNS: &str =
+    "i.id, i.time_ms, i.source, i.status, i.duplicate, i.reason, i.detail,
+     i.source_id, i.type, i.channels, i.seqs, i.body_size";
+
+fn corrupt(col: usize, e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(col, rusqlite::types::Type::Text, Box::new(e))
+}
+
+/// A row of `INBOUND_COLUMNS`, without headers and body.
+fn row_to_inbound(r: &rusqlite::Row<'_>) -> rusqlite::Result<InboundRecord> {
+    let status: String = r.get(3)?;
+    let channels: String = r.get(9)?;
+    let seqs: String = r.get(10)?;
+    Ok(InboundRecord {
+        id: r.get(0)?,
+        time_ms: r.get(1)?,
+        source: r.get(2)?,
+        status: InboundStatus::parse(&status).ok_or_else(|| {
+            corrupt(
+                3,
+                std::io::Error::other(format!("unknown inbound status `{status}`")),
+            )
+        })?,
+        duplicate: r.get(4)?,
+        reason: r.get(5)?,
+        detail: r.get(6)?,
+        source_id: r.get(7)?,
+        kind: r.get(8)?,
+        channels: serde_json::from_str(&channels).map_err(|e| corrupt(9, e))?,
+        seqs: serde_json::from_str(&seqs).map_err(|e| corrupt(10, e))?,
+        body_size: r.get::<_, i64>(11)?.max(0) as u64,
+        headers: Vec::new(),
+        body: None,
+    })
 }
 
 fn row_to_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
@@ -542,6 +768,82 @@ impl Store for SqliteStore {
         self.sender()?;
         self.with_reader(|c| c.query_row("SELECT 1", [], |_| Ok(())))
             .await
+    }
+
+    async fn append_webhook(
+        &self,
+        message: NewMessage,
+        inbound: NewInbound,
+    ) -> Result<(Appended, InboundId), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.sender()?
+            .send(WriteCmd::Webhook {
+                message,
+                inbound,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn record_rejected(&self, inbound: NewInbound) -> Result<InboundId, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.sender()?
+            .send(WriteCmd::Rejected { inbound, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn list_inbound(&self, filter: InboundFilter) -> Result<Vec<InboundRecord>, StoreError> {
+        self.with_reader(move |c| {
+            let mut sql = format!("SELECT {INBOUND_COLUMNS} FROM inbound i WHERE 1 = 1");
+            let mut args: Vec<rusqlite::types::Value> = Vec::new();
+            if let Some(source) = filter.source {
+                sql.push_str(" AND i.source = ?");
+                args.push(source.into());
+            }
+            if let Some(status) = filter.status {
+                sql.push_str(" AND i.status = ?");
+                args.push(status.as_str().to_string().into());
+            }
+            if let Some(before) = filter.before {
+                sql.push_str(" AND i.id < ?");
+                args.push(before.into());
+            }
+            sql.push_str(" ORDER BY i.id DESC LIMIT ?");
+            args.push((filter.limit.clamp(1, 10_000) as i64).into());
+            let mut stmt = c.prepare_cached(&sql)?;
+            stmt.query_map(params_from_iter(args), row_to_inbound)?
+                .collect()
+        })
+        .await
+    }
+
+    async fn get_inbound(&self, id: InboundId) -> Result<Option<InboundRecord>, StoreError> {
+        self.with_reader(move |c| {
+            let sql = format!(
+                "SELECT {INBOUND_COLUMNS}, i.headers, COALESCE(i.body, e.data) FROM inbound i
+                 LEFT JOIN events e ON i.body IS NULL AND e.seq = i.first_seq
+                 WHERE i.id = ?1"
+            );
+            let mut stmt = c.prepare_cached(&sql)?;
+            stmt.query_row(params![id], |r| {
+                let mut record = row_to_inbound(r)?;
+                let headers: String = r.get(12)?;
+                record.headers = serde_json::from_str(&headers).map_err(|e| corrupt(12, e))?;
+                record.body = match r.get_ref(13)? {
+                    rusqlite::types::ValueRef::Blob(b) | rusqlite::types::ValueRef::Text(b) => {
+                        Some(bytes::Bytes::copy_from_slice(b))
+                    }
+                    _ => None,
+                };
+                Ok(record)
+            })
+            .optional()
+        })
+        .await
     }
 
     async fn close(&self) {
@@ -679,6 +981,171 @@ mod tests {
         assert!(
             !out[0].duplicate,
             "past the dedupe window a key is new again"
+        );
+    }
+
+    fn inbound(body: &str, reason: Option<&str>) -> NewInbound {
+        NewInbound {
+            source: "stripe".into(),
+            headers: vec![("stripe-signature".into(), "t=1,v1=00".into())],
+            body: bytes::Bytes::copy_from_slice(body.as_bytes()),
+            body_size: body.len() as u64,
+            reason: reason.map(str::to_string),
+            detail: reason.map(|r| format!("because {r}")),
+        }
+    }
+
+    #[tokio::test]
+    async fn webhook_records_live_with_their_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.db");
+        let (store, mut feed) = SqliteStore::open(path.to_str().unwrap(), "full").unwrap();
+        let mut m = msg("user:1", Some("evt_1"));
+        m.channels.push("billing".into());
+        m.source = "stripe".into();
+        let (appended, id) = store
+            .append_webhook(m.clone(), inbound("{\"n\":1}", None))
+            .await
+            .unwrap();
+        assert_eq!(appended.seqs, vec![1, 2]);
+        assert!(!appended.duplicate);
+        assert_eq!(
+            feed.recv().await.unwrap().len(),
+            2,
+            "pushed like any append"
+        );
+        // A trailing newline: the body differs from the stored data, kept apart.
+        let (dup, dup_id) = store
+            .append_webhook(m, inbound("{\"n\":1}\n", None))
+            .await
+            .unwrap();
+        assert_eq!(
+            dup,
+            Appended {
+                seqs: vec![1],
+                duplicate: true
+            }
+        );
+        assert!(dup_id > id);
+        let rejected = store
+            .record_rejected(inbound("junk", Some("invalid_signature")))
+            .await
+            .unwrap();
+
+        let got = store.get_inbound(id).await.unwrap().unwrap();
+        assert_eq!(got.status, InboundStatus::Accepted);
+        assert_eq!(
+            got.body.as_deref(),
+            Some(&b"{\"n\":1}"[..]),
+            "stored once, read back whole"
+        );
+        assert_eq!(
+            got.headers,
+            vec![("stripe-signature".to_string(), "t=1,v1=00".to_string())]
+        );
+        assert_eq!(got.seqs, vec![1, 2]);
+        assert_eq!(got.channels, vec!["user:1", "billing"]);
+        assert_eq!(got.source_id.as_deref(), Some("evt_1"));
+        let got = store.get_inbound(dup_id).await.unwrap().unwrap();
+        assert!(got.duplicate);
+        assert_eq!(got.body.as_deref(), Some(&b"{\"n\":1}\n"[..]));
+        let got = store.get_inbound(rejected).await.unwrap().unwrap();
+        assert_eq!(got.status, InboundStatus::Rejected);
+        assert_eq!(got.reason.as_deref(), Some("invalid_signature"));
+        assert_eq!(got.detail.as_deref(), Some("because invalid_signature"));
+
+        let all = store
+            .list_inbound(InboundFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            all.iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![rejected, dup_id, id],
+            "newest first"
+        );
+        assert!(all.iter().all(|r| r.body.is_none() && r.headers.is_empty()));
+        let only = |status, source: &str| InboundFilter {
+            status: Some(status),
+            source: Some(source.into()),
+            limit: 10,
+            before: None,
+        };
+        assert_eq!(
+            store
+                .list_inbound(only(InboundStatus::Accepted, "stripe"))
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(
+            store
+                .list_inbound(only(InboundStatus::Rejected, "stripe"))
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            store
+                .list_inbound(only(InboundStatus::Rejected, "github"))
+                .await
+                .unwrap()
+                .len(),
+            0
+        );
+
+        // Retention takes the accepted record with its events.
+        store
+            .prune(Retention {
+                max_age_ms: -1_000_000,
+                max_events: 0,
+                dedupe_window_ms: i64::MAX,
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.get_inbound(id).await.unwrap(), None);
+        assert!(store.get_inbound(rejected).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn refusals_are_capped_by_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.db");
+        let (store, _feed) = SqliteStore::open(path.to_str().unwrap(), "full").unwrap();
+        let mut m = msg("a", Some("kept"));
+        m.source = "stripe".into();
+        let (_, accepted) = store.append_webhook(m, inbound("{}", None)).await.unwrap();
+        let extra = 25;
+        let mut last = 0;
+        for i in 0..INBOUND_CAPPED_KEEP + extra {
+            last = store
+                .record_rejected(inbound(&format!("{i}"), Some("invalid_signature")))
+                .await
+                .unwrap();
+        }
+        let rejected = store
+            .list_inbound(InboundFilter {
+                status: Some(InboundStatus::Rejected),
+                limit: 10_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(rejected.len(), INBOUND_CAPPED_KEEP);
+        assert_eq!(rejected[0].id, last, "the newest are kept");
+        let oldest = store
+            .get_inbound(rejected.last().unwrap().id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(oldest.body.as_deref(), Some(format!("{extra}").as_bytes()));
+        assert!(
+            store.get_inbound(accepted).await.unwrap().is_some(),
+            "accepted records are not counted against the cap"
         );
     }
 

@@ -163,7 +163,11 @@ async fn publish(base: &str, channel: &str, data: Value) -> String {
 
 #[tokio::test]
 async fn pay_button_signed_webhook_shows_a_toast_within_5s() {
-    let s = TestServer::start().await;
+    // What `pushgate serve` does in development mode: a `demo` Stripe source.
+    let s = TestServer::with(|c| {
+        pushgate::ingest::add_demo_source(c).expect("development mode adds the demo source");
+    })
+    .await;
     let script = Script::start("browser-toast.mjs", &s.base);
     let ok = script.finish().await;
     println!("{ok}");

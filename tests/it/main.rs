@@ -6,3 +6,5 @@ mod common;
 mod core;
 mod browser;
 mod ws;
+mod ingest;
+mod ingest_interop;

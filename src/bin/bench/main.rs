@@ -8,12 +8,14 @@
 //!   pushgate-bench fanout  --target pushgate|nchan --subs 1000 --events 200 [--rate 2]
 //!   pushgate-bench publish --concurrency 64 --seconds 5
 //!   pushgate-bench sqlite-baseline --batch 64 --seconds 5
+//!   pushgate-bench webhooks --url http://127.0.0.1:8080/webhooks/demo --secret whsec_… [--concurrency 64]
 //!   pushgate-bench ws-idle   --target pushgate|nchan --conns 10000
 //!   pushgate-bench ws-fanout --target pushgate|nchan --subs 10000 --events 50
 
 mod fanout;
 mod publish;
 mod target;
+mod webhooks;
 mod ws;
 
 use std::collections::HashMap;
@@ -34,9 +36,10 @@ fn main() {
             "publish" => publish::publish(&opts).await,
             "sqlite-baseline" => publish::sqlite_baseline(&opts),
             m @ ("ws-idle" | "ws-fanout") => ws::run(m, &opts).await,
+            "webhooks" => webhooks::webhooks(&opts).await,
             _ => {
                 eprintln!(
-                    "usage: pushgate-bench idle|fanout|publish|sqlite-baseline|ws-idle|ws-fanout [--key value]…  (see docs/benchmarks.md)"
+                    "usage: pushgate-bench idle|fanout|publish|sqlite-baseline|webhooks|ws-idle|ws-fanout [--key value]…  (see docs/benchmarks.md)"
                 );
                 std::process::exit(2);
             }
