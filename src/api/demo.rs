@@ -113,7 +113,10 @@ pub async fn pay(
             "stripe-signature",
             crate::ingest::stripe::signature_header(secret, now as i64, &body),
         )
-        .header(header::USER_AGENT, "Stripe/1.0 (+https://stripe.com/docs/webhooks) pushgate-demo")
+        .header(
+            header::USER_AGENT,
+            "Stripe/1.0 (+https://stripe.com/docs/webhooks) pushgate-demo",
+        )
         .body(Body::from(body))
         .expect("request");
     if let Some(Extension(c)) = connect {

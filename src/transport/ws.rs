@@ -452,11 +452,15 @@ impl Connection {
                     .ok()
                     .and_then(|r| r.reference);
                 let (code, message) = if e.is_data() {
-                    ("invalid_op", format!("the op does not have the expected shape: {e}"))
+                    (
+                        "invalid_op",
+                        format!("the op does not have the expected shape: {e}"),
+                    )
                 } else {
                     ("invalid_json", format!("the frame is not valid JSON: {e}"))
                 };
-                self.out.push(error_frame(code, message, reference.as_ref()));
+                self.out
+                    .push(error_frame(code, message, reference.as_ref()));
                 return;
             }
         };
@@ -548,10 +552,12 @@ impl Connection {
                 reference.as_ref(),
             ));
         }
-        if let Err(e) = self.app.auth.check_subscribe(self.grant.as_ref(), &channels) {
-            return self
-                .out
-                .push(api_error_frame(e.into(), reference.as_ref()));
+        if let Err(e) = self
+            .app
+            .auth
+            .check_subscribe(self.grant.as_ref(), &channels)
+        {
+            return self.out.push(api_error_frame(e.into(), reference.as_ref()));
         }
         // Register first, then find the start: nothing falls between.
         let subscription = self.app.hub.subscribe(&channels);
@@ -639,9 +645,7 @@ impl Connection {
         {
             Ok(p) => p,
             Err(e) => {
-                return self
-                    .out
-                    .push(api_error_frame(e.into(), reference.as_ref()));
+                return self.out.push(api_error_frame(e.into(), reference.as_ref()));
             }
         };
         if let Err(e) = self.app.limits.check_publish(&publisher, 1) {
@@ -682,16 +686,14 @@ impl Connection {
             ));
         };
         if self.app.auth.is_development() {
-            return self
-                .out
-                .push(op_frame(json!({"op": "refreshed", "exp": null, "ref": reference})));
+            return self.out.push(op_frame(
+                json!({"op": "refreshed", "exp": null, "ref": reference}),
+            ));
         }
         let grant = match self.app.auth.verify_token(&token) {
             Ok(g) => g,
             Err(e) => {
-                return self
-                    .out
-                    .push(api_error_frame(e.into(), reference.as_ref()));
+                return self.out.push(api_error_frame(e.into(), reference.as_ref()));
             }
         };
         // The new token must still cover everything this connection reads.
@@ -701,9 +703,7 @@ impl Connection {
                 .auth
                 .check_subscribe(Some(&grant), sub.subscription.channels())
             {
-                return self
-                    .out
-                    .push(api_error_frame(e.into(), reference.as_ref()));
+                return self.out.push(api_error_frame(e.into(), reference.as_ref()));
             }
         }
         let exp = grant.expires_at;

@@ -142,7 +142,10 @@ fn stop(mut server: ServerProcess) {
             assert!(status.success(), "pushgate exited with {status}");
             return;
         }
-        assert!(Instant::now() < deadline, "pushgate did not stop within 15 s");
+        assert!(
+            Instant::now() < deadline,
+            "pushgate did not stop within 15 s"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -339,14 +342,19 @@ async fn behind_a_buffering_proxy_the_client_falls_back_to_long_polling_and_miss
     );
     let mut direct = s.sse("channel=probe&since=earliest").await;
     assert_eq!(
-        direct.next_timeout(Duration::from_secs(5)).await.unwrap().id.as_deref(),
+        direct
+            .next_timeout(Duration::from_secs(5))
+            .await
+            .unwrap()
+            .id
+            .as_deref(),
         Some(probe.as_str())
     );
 
     let mut script = Script::start("browser-proxy.mjs", &nginx.base);
     script.expect("LIVE").await;
     // Published while the page is still on its (buffered) SSE stream.
-    let early = vec![
+    let early = [
         publish(&s.base, "user:demo", json!({"n": 1})).await,
         publish(&s.base, "user:demo", json!({"n": 2})).await,
     ];
@@ -366,14 +374,29 @@ async fn the_client_library_and_demo_page_are_served() {
     let s = TestServer::start().await;
     let js = s.client.get(s.url("/client.js")).send().await.unwrap();
     assert_eq!(js.status(), 200);
-    assert!(js.headers()["content-type"].to_str().unwrap().starts_with("text/javascript"));
+    assert!(
+        js.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/javascript")
+    );
     let text = js.text().await.unwrap();
     assert!(text.contains("export class Pushgate"));
     let page = s.client.get(s.url("/demo")).send().await.unwrap();
     assert_eq!(page.status(), 200);
-    assert!(page.text().await.unwrap().contains("import { Pushgate } from '/client.js'"));
+    assert!(
+        page.text()
+            .await
+            .unwrap()
+            .contains("import { Pushgate } from '/client.js'")
+    );
     let dts = s.client.get(s.url("/client.d.ts")).send().await.unwrap();
-    assert!(dts.text().await.unwrap().contains("export declare class Pushgate"));
+    assert!(
+        dts.text()
+            .await
+            .unwrap()
+            .contains("export declare class Pushgate")
+    );
 }
 
 #[tokio::test]

@@ -2,9 +2,9 @@
 //! to it over real HTTP. One binary, many modules, so the suite links once.
 
 mod auth;
+mod browser;
 mod common;
 mod core;
-mod browser;
-mod ws;
 mod ingest;
 mod ingest_interop;
+mod ws;

@@ -71,7 +71,9 @@ impl Ws {
         tokio::time::timeout(T, async {
             loop {
                 match self.inner.next().await {
-                    Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).expect("JSON op"),
+                    Some(Ok(Message::Text(t))) => {
+                        return serde_json::from_str(&t).expect("JSON op");
+                    }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                     other => panic!("expected a text frame, got {other:?}"),
                 }
@@ -179,9 +181,16 @@ async fn subscribe_delivers_live_events_as_event_ops() {
     let s = TestServer::start().await;
     let mut ws = Ws::connect(&s, "").await;
     let sub = ws.subscribe(&["user:42"], None).await;
-    assert!(sub["cursor"].as_str().is_some(), "subscribed carries the start cursor");
+    assert!(
+        sub["cursor"].as_str().is_some(),
+        "subscribed carries the start cursor"
+    );
     let id = s
-        .publish("user:42", "payment_intent.succeeded", json!({"amount": 2000}))
+        .publish(
+            "user:42",
+            "payment_intent.succeeded",
+            json!({"amount": 2000}),
+        )
         .await;
     s.publish("other", "t", json!(1)).await;
     let id2 = s.publish("user:42", "t", json!(2)).await;
@@ -196,11 +205,13 @@ async fn subscribe_delivers_live_events_as_event_ops() {
     let metrics = s.client.get(s.url("/metrics")).send().await.unwrap();
     let text = metrics.text().await.unwrap();
     assert!(
-        text.lines().any(|l| l.starts_with("pushgate_deliveries_total{transport=\"ws\"} 2")),
+        text.lines()
+            .any(|l| l.starts_with("pushgate_deliveries_total{transport=\"ws\"} 2")),
         "{text}"
     );
     assert!(
-        text.lines().any(|l| l.starts_with("pushgate_open_streams{transport=\"ws\"} 1")),
+        text.lines()
+            .any(|l| l.starts_with("pushgate_open_streams{transport=\"ws\"} 1")),
         "{text}"
     );
 }
@@ -241,12 +252,17 @@ async fn a_cursor_that_cannot_be_honoured_gets_a_reset_op_and_continues_from_the
         ws.subscribe(&["room"], Some(bad)).await;
         let r = ws.expect("reset").await;
         assert!(
-            ["cursor_invalid", "cursor_foreign", "cursor_ahead"].contains(&r["reason"].as_str().unwrap()),
+            ["cursor_invalid", "cursor_foreign", "cursor_ahead"]
+                .contains(&r["reason"].as_str().unwrap()),
             "{r}"
         );
         assert_eq!(r["channels"], json!(["room"]));
         assert!(r["resume_from"].as_str().is_some());
-        assert_eq!(ws.event().await["id"], a, "continues from the oldest retained event");
+        assert_eq!(
+            ws.event().await["id"],
+            a,
+            "continues from the oldest retained event"
+        );
     }
 }
 
@@ -277,7 +293,11 @@ async fn a_lagging_subscription_catches_up_from_the_log_in_order() {
         assert_eq!(e["data"], json!(i));
     }
     let last = s.publish("bulk", "t", json!("after")).await;
-    assert_eq!(ws.event().await["id"], last, "nothing repeats after the catch-up");
+    assert_eq!(
+        ws.event().await["id"],
+        last,
+        "nothing repeats after the catch-up"
+    );
 }
 
 #[tokio::test]
@@ -285,7 +305,8 @@ async fn unsubscribe_stops_only_the_named_channels() {
     let s = TestServer::start().await;
     let mut ws = Ws::connect(&s, "").await;
     ws.subscribe(&["a", "b"], None).await;
-    ws.send(json!({"op":"unsubscribe","channels":["a"],"ref":7})).await;
+    ws.send(json!({"op":"unsubscribe","channels":["a"],"ref":7}))
+        .await;
     let u = ws.expect("unsubscribed").await;
     assert_eq!(u["channels"], json!(["a"]));
     assert_eq!(u["ref"], 7);
@@ -369,14 +390,19 @@ async fn bad_frames_get_error_ops_and_the_connection_stays_usable() {
     ws.expect_error("invalid_json").await;
     ws.send(json!({"channels":["a"]})).await;
     ws.expect_error("invalid_op").await;
-    ws.send(json!({"op":"subscribe","channels":"a","ref":"r1"})).await;
+    ws.send(json!({"op":"subscribe","channels":"a","ref":"r1"}))
+        .await;
     let e = ws.expect_error("invalid_op").await;
-    assert_eq!(e["ref"], "r1", "the ref is echoed even when the op is malformed");
+    assert_eq!(
+        e["ref"], "r1",
+        "the ref is echoed even when the op is malformed"
+    );
     ws.send(json!({"op":"dance","ref":3})).await;
     assert_eq!(ws.expect_error("unknown_op").await["ref"], 3);
     ws.send_raw(Message::binary(vec![1u8, 2, 3])).await;
     ws.expect_error("invalid_frame").await;
-    ws.send(json!({"op":"subscribe","channels":["bad channel"]})).await;
+    ws.send(json!({"op":"subscribe","channels":["bad channel"]}))
+        .await;
     ws.expect_error("invalid_channel").await;
     ws.send(json!({"op":"subscribe","channels":[]})).await;
     ws.expect_error("missing_channel").await;
@@ -387,7 +413,8 @@ async fn bad_frames_get_error_ops_and_the_connection_stays_usable() {
     ws.expect_error("too_many_channels").await;
     ws.send(json!({"op":"publish","type":"t"})).await;
     ws.expect_error("invalid_channel").await;
-    ws.send(json!({"op":"publish","channel":"x","type":""})).await;
+    ws.send(json!({"op":"publish","channel":"x","type":""}))
+        .await;
     ws.expect_error("invalid_type").await;
     ws.send(json!({"op":"publish","channel":"x","id":""})).await;
     ws.expect_error("invalid_id").await;
@@ -411,7 +438,8 @@ async fn bad_frames_get_error_ops_and_the_connection_stays_usable() {
     assert_eq!(page["events"], json!([]));
     ws.assert_alive().await;
     // In development mode refresh is accepted (there is nothing to expire).
-    ws.send(json!({"op":"refresh","token":"anything","ref":"r"})).await;
+    ws.send(json!({"op":"refresh","token":"anything","ref":"r"}))
+        .await;
     let r = ws.expect("refreshed").await;
     assert_eq!(r["exp"], Value::Null);
 }
@@ -451,7 +479,12 @@ async fn frames_past_the_rate_get_errors_then_the_connection_is_closed_4008() {
     ws.assert_alive().await;
     // A client that ignores the errors is closed.
     for _ in 0..20 {
-        if ws.inner.send(Message::text("{\"op\":\"ping\"}")).await.is_err() {
+        if ws
+            .inner
+            .send(Message::text("{\"op\":\"ping\"}"))
+            .await
+            .is_err()
+        {
             break;
         }
     }
@@ -539,20 +572,35 @@ async fn streams_per_client_caps_websockets_too() {
 async fn auth_on_the_upgrade_and_per_subscription() {
     let s = TestServer::with(secured).await;
     // A bad token is refused before upgrading (positive controls below).
-    let (status, body) = Ws::try_connect(&s, "?token=not.a.jwt", None).await.err().expect("401");
+    let (status, body) = Ws::try_connect(&s, "?token=not.a.jwt", None)
+        .await
+        .err()
+        .expect("401");
     assert_eq!(status, 401);
     assert_eq!(body["error"]["code"], "unauthorized");
     let expired = token(json!({"exp": now() - 3600, "pushgate": {"subscribe": ["user:1"]}}));
-    assert_eq!(Ws::try_connect(&s, &format!("?token={expired}"), None).await.err().unwrap().0, 401);
-    let (status, _) = Ws::try_connect(&s, "", Some("pk_wrong")).await.err().expect("401");
+    assert_eq!(
+        Ws::try_connect(&s, &format!("?token={expired}"), None)
+            .await
+            .err()
+            .unwrap()
+            .0,
+        401
+    );
+    let (status, _) = Ws::try_connect(&s, "", Some("pk_wrong"))
+        .await
+        .err()
+        .expect("401");
     assert_eq!(status, 401);
 
     // No token: public channels only.
     let mut anon = Ws::connect(&s, "").await;
     anon.subscribe(&["public.prices"], None).await;
-    anon.send(json!({"op":"subscribe","channels":["user:1"],"ref":"p"})).await;
+    anon.send(json!({"op":"subscribe","channels":["user:1"],"ref":"p"}))
+        .await;
     assert_eq!(anon.expect_error("unauthorized").await["ref"], "p");
-    anon.send(json!({"op":"publish","channel":"public.prices","data":1})).await;
+    anon.send(json!({"op":"publish","channel":"public.prices","data":1}))
+        .await;
     anon.expect_error("unauthorized").await;
 
     // A token: its grants, nothing else.
@@ -560,14 +608,18 @@ async fn auth_on_the_upgrade_and_per_subscription() {
         "pushgate": {"subscribe": ["user:1", "chat:*"], "publish": ["chat:*"]}}));
     let mut user = Ws::connect(&s, &format!("?token={t}")).await;
     user.subscribe(&["user:1"], None).await;
-    user.send(json!({"op":"subscribe","channels":["user:2"]})).await;
+    user.send(json!({"op":"subscribe","channels":["user:2"]}))
+        .await;
     user.expect_error("forbidden").await;
-    user.send(json!({"op":"subscribe","channels":["chat:a","user:2"]})).await;
+    user.send(json!({"op":"subscribe","channels":["chat:a","user:2"]}))
+        .await;
     user.expect_error("forbidden").await;
-    user.send(json!({"op":"publish","channel":"user:1","data":1,"ref":"no"})).await;
+    user.send(json!({"op":"publish","channel":"user:1","data":1,"ref":"no"}))
+        .await;
     assert_eq!(user.expect_error("forbidden").await["ref"], "no");
     user.subscribe(&["chat:a"], None).await;
-    user.send(json!({"op":"publish","channel":"chat:a","data":"hi","ref":"yes"})).await;
+    user.send(json!({"op":"publish","channel":"chat:a","data":"hi","ref":"yes"}))
+        .await;
     let ack = user.expect("ack").await;
     let e = user.event().await;
     assert_eq!(e["id"], ack["id"]);
@@ -575,25 +627,34 @@ async fn auth_on_the_upgrade_and_per_subscription() {
     assert_eq!(user.event().await["id"], id);
 
     // A publish key on the upgrade may publish anywhere.
-    let mut backend = Ws::try_connect(&s, "", Some(PUBLISH_KEY)).await.ok().unwrap();
-    backend.send(json!({"op":"publish","channel":"anything","data":1,"ref":1})).await;
+    let mut backend = Ws::try_connect(&s, "", Some(PUBLISH_KEY))
+        .await
+        .ok()
+        .unwrap();
+    backend
+        .send(json!({"op":"publish","channel":"anything","data":1,"ref":1}))
+        .await;
     backend.expect("ack").await;
 
     // refresh: a bad token is refused and changes nothing; one that no longer
     // covers the subscriptions is refused; a good one extends the connection.
-    user.send(json!({"op":"refresh","token":"nope","ref":"r0"})).await;
+    user.send(json!({"op":"refresh","token":"nope","ref":"r0"}))
+        .await;
     assert_eq!(user.expect_error("unauthorized").await["ref"], "r0");
     let narrower = token(json!({"exp": now() + 7200, "pushgate": {"subscribe": ["user:1"]}}));
     user.send(json!({"op":"refresh","token":narrower})).await;
     user.expect_error("forbidden").await;
     let exp = now() + 7200;
-    let wider = token(json!({"exp": exp, "pushgate": {"subscribe": ["user:1","chat:*"], "publish": []}}));
-    user.send(json!({"op":"refresh","token":wider,"ref":"r1"})).await;
+    let wider =
+        token(json!({"exp": exp, "pushgate": {"subscribe": ["user:1","chat:*"], "publish": []}}));
+    user.send(json!({"op":"refresh","token":wider,"ref":"r1"}))
+        .await;
     let r = user.expect("refreshed").await;
     assert_eq!(r["exp"], exp);
     assert_eq!(r["ref"], "r1");
     // The new token's grants apply from now on: publishing is no longer allowed.
-    user.send(json!({"op":"publish","channel":"chat:a","data":1})).await;
+    user.send(json!({"op":"publish","channel":"chat:a","data":1}))
+        .await;
     user.expect_error("forbidden").await;
 }
 
