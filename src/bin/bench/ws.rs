@@ -261,26 +261,47 @@ pub async fn fanout(opts: &Opts) -> Result<Value, String> {
         .map(|(s, buf)| tokio::spawn(reader(s, buf, events, shared.clone())))
         .collect();
 
-    let client = reqwest::Client::new();
+    let publishers: usize = opts.get("publishers", 1).max(1);
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(publishers)
+        .build()
+        .map_err(|e| e.to_string())?;
     let cpu0 = target.cpu_us();
     let started = Instant::now();
-    let gap = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
-    let mut next = Instant::now();
-    for _ in 0..events {
-        if let Some(gap) = gap {
-            tokio::time::sleep_until(next.into()).await;
-            next += gap;
-        }
-        let (url, body) = target.publish_request("fan", now_ns(), &pad);
-        let r = client
-            .post(&url)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        if !r.status().is_success() {
-            return Err(format!("publish: {}", r.status()));
-        }
+    // `publishers` tasks take turns on one shared counter; with `--rate` each
+    // keeps its share of the rate.
+    let left = Arc::new(AtomicU64::new(events as u64));
+    let mut tasks = Vec::new();
+    for _ in 0..publishers {
+        let (client, target, left, pad) =
+            (client.clone(), target.clone(), left.clone(), pad.clone());
+        let gap = (rate > 0.0).then(|| Duration::from_secs_f64(publishers as f64 / rate));
+        tasks.push(tokio::spawn(async move {
+            let mut next = Instant::now();
+            while left
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                if let Some(gap) = gap {
+                    tokio::time::sleep_until(next.into()).await;
+                    next += gap;
+                }
+                let (url, body) = target.publish_request("fan", now_ns(), &pad);
+                let r = client
+                    .post(&url)
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !r.status().is_success() {
+                    return Err(format!("publish: {}", r.status()));
+                }
+            }
+            Ok::<(), String>(())
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
     }
     let published = started.elapsed();
     for r in readers {
@@ -293,7 +314,7 @@ pub async fn fanout(opts: &Opts) -> Result<Value, String> {
     lat.sort_unstable();
     Ok(json!({
         "mode": "ws-fanout", "target": target.name(), "subscribers": subs, "events": events,
-        "rate_per_s": rate, "expected_deliveries": subs * events, "deliveries": received,
+        "rate_per_s": rate, "publishers": publishers, "expected_deliveries": subs * events, "deliveries": received,
         "publish_seconds": published.as_secs_f64(), "seconds": elapsed.as_secs_f64(),
         "deliveries_per_s": (received as f64 / elapsed.as_secs_f64()).round(),
         "server_cpu_us_per_delivery": (cpu as f64 / received.max(1) as f64 * 100.0).round() / 100.0,
