@@ -24,18 +24,22 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::body::Body;
+use axum::extract::{ConnectInfo, RawQuery, Request, State};
 use axum::response::Response;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt, StreamExt};
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::{cursor, query_pairs, query_value, resolve_start};
 use crate::AppState;
@@ -68,35 +72,76 @@ const CLOSE_INTERNAL: u16 = 1011;
 
 pub async fn upgrade(
     State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    RawQuery(raw): RawQuery,
+    mut req: Request,
 ) -> Result<Response, ApiError> {
-    let ws = ws.map_err(|e| {
-        ApiError::new(
-            StatusCode::UPGRADE_REQUIRED,
-            "upgrade_required",
-            format!("this is a WebSocket endpoint: {e}"),
-        )
-    })?;
+    let accept = handshake_accept(req.headers())?;
     let pairs = query_pairs(raw.as_deref());
-    let creds = Credentials::from_request(&headers, query_value(&pairs, "token"));
+    let creds = Credentials::from_request(req.headers(), query_value(&pairs, "token"));
     // A credential that is presented must be good (401 before upgrading);
     // none at all reaches public channels only.
     let grant = app.auth.authenticate(&creds)?;
     let slot = app.limits.open_stream(client.ip())?;
-    let cfg = &app.config.websocket;
-    let ws = ws
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    drop(req);
+    // Boxed so the task's future holds one pointer to it, not a second copy.
+    let conn = Box::new(Connection::new(app, creds, grant, slot));
+    tokio::spawn(conn.serve(on_upgrade));
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    Ok(resp)
+}
+
+/// Checks an RFC 6455 opening handshake; returns `Sec-WebSocket-Accept`.
+/// (The upgrade is done here rather than by axum's extractor so that the
+/// connection's task holds a single copy of its state: an idle connection
+/// is mostly that task.)
+fn handshake_accept(headers: &HeaderMap) -> Result<HeaderValue, ApiError> {
+    let has = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    let refuse = |why: &str| {
+        ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            format!("this is a WebSocket endpoint: {why}"),
+        )
+    };
+    if !has(header::CONNECTION, "upgrade") || !has(header::UPGRADE, "websocket") {
+        return Err(refuse(
+            "send `Connection: upgrade` and `Upgrade: websocket`",
+        ));
+    }
+    if !has(header::SEC_WEBSOCKET_VERSION, "13") {
+        return Err(refuse("only `Sec-WebSocket-Version: 13` is spoken"));
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| refuse("`Sec-WebSocket-Key` is missing"))?;
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    Ok(HeaderValue::from_str(&accept).expect("base64 is a header value"))
+}
+
+fn codec_config(cfg: &crate::config::WebSocketConfig) -> WebSocketConfig {
+    WebSocketConfig::default()
         .read_buffer_size(cfg.read_buffer.0)
         .write_buffer_size(WRITE_BATCH)
-        .max_message_size(cfg.max_message.0)
-        .max_frame_size(cfg.max_message.0);
-    Ok(ws.on_upgrade(move |socket| async move {
-        let conn = Connection::new(app, creds, grant, slot);
-        conn.run(socket).await;
-    }))
+        .max_message_size(Some(cfg.max_message.0))
+        .max_frame_size(Some(cfg.max_message.0))
 }
+
+type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 enum Phase {
     /// Reading the log after `last`; `None` until the next read starts.
@@ -283,7 +328,7 @@ struct Connection {
 
 fn close(code: u16, reason: &'static str) -> CloseFrame {
     CloseFrame {
-        code,
+        code: code.into(),
         reason: Utf8Bytes::from_static(reason),
     }
 }
@@ -322,8 +367,19 @@ impl Connection {
         }
     }
 
-    async fn run(mut self, mut socket: WebSocket) {
+    /// The connection's whole life, as one task: finish the upgrade, then
+    /// serve frames until either side ends it.
+    async fn serve(mut self: Box<Self>, on_upgrade: OnUpgrade) {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
         let cfg = self.app.config.websocket.clone();
+        let mut socket: Socket = WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            Some(codec_config(&cfg)),
+        )
+        .await;
         let closing = loop {
             let mut ignored = Vec::new();
             tokio::select! {
@@ -347,7 +403,9 @@ impl Connection {
                         tracing::debug!(error = %e, "WebSocket read failed");
                         break None;
                     }
-                    Some(Ok(msg)) => if let Some(c) = self.on_message(msg).await { break Some(c) },
+                    // Boxed: its state (a parsed op, a log read) is large and
+                    // rare; idle connections should not carry room for it.
+                    Some(Ok(msg)) => if let Some(c) = Box::pin(self.on_message(msg)).await { break Some(c) },
                 },
                 Some(reply) = next_reply(&mut self.publishes), if in_flight(&self.publishes) > 0 => self.out.push(reply),
                 polled = std::future::poll_fn(|cx| {
@@ -439,7 +497,7 @@ impl Connection {
                 None,
             )),
             // Pings are answered by the codec; any frame proves the peer alive.
-            Message::Ping(_) | Message::Pong(_) | Message::Close(_) => {}
+            Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_) => {}
         }
         None
     }
@@ -731,22 +789,18 @@ async fn next_reply(publishes: &mut Publishes) -> Option<Message> {
 }
 
 /// Feeds every frame, then flushes once: one write for the whole batch.
-async fn send_all(socket: &mut WebSocket, frames: Vec<Message>) -> Result<(), axum::Error> {
+async fn send_all(
+    socket: &mut Socket,
+    frames: Vec<Message>,
+) -> Result<(), tokio_tungstenite::tungstenite::Error> {
     for frame in frames {
         socket.feed(frame).await?;
     }
     socket.flush().await
 }
 
-fn is_capacity_error(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(t) = s.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
-            return matches!(t, tokio_tungstenite::tungstenite::Error::Capacity(_));
-        }
-        source = s.source();
-    }
-    false
+fn is_capacity_error(e: &tokio_tungstenite::tungstenite::Error) -> bool {
+    matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_))
 }
 
 #[cfg(test)]

@@ -197,6 +197,11 @@ pub async fn idle(opts: &Opts) -> Result<Value, String> {
 struct Shared {
     received: AtomicU64,
     latencies_us: Mutex<Vec<u64>>,
+    /// When the last event arrived anywhere (unix ns).
+    last_ns: AtomicU64,
+    /// Readers that got fewer / more events than were published.
+    short: AtomicU64,
+    over: AtomicU64,
 }
 
 /// Reads frames, answering pings and counting events with their
@@ -224,7 +229,9 @@ async fn reader(mut s: TcpStream, mut buf: Vec<u8>, expected: usize, shared: Arc
                             .map(|b| *b as char)
                             .collect();
                         let t: u64 = digits.parse().unwrap_or(0);
-                        lat.push(now_ns().saturating_sub(t) / 1000);
+                        let now = now_ns();
+                        lat.push(now.saturating_sub(t) / 1000);
+                        shared.last_ns.fetch_max(now, Ordering::Relaxed);
                         got += 1;
                     }
                 }
@@ -237,6 +244,11 @@ async fn reader(mut s: TcpStream, mut buf: Vec<u8>, expected: usize, shared: Arc
         }
     }
     shared.received.fetch_add(got as u64, Ordering::Relaxed);
+    if got < expected {
+        shared.short.fetch_add(1, Ordering::Relaxed);
+    } else if got > expected {
+        shared.over.fetch_add(1, Ordering::Relaxed);
+    }
     shared.latencies_us.lock().await.extend(lat);
 }
 
@@ -255,6 +267,9 @@ pub async fn fanout(opts: &Opts) -> Result<Value, String> {
     let shared = Arc::new(Shared {
         received: AtomicU64::new(0),
         latencies_us: Mutex::new(Vec::new()),
+        last_ns: AtomicU64::new(0),
+        short: AtomicU64::new(0),
+        over: AtomicU64::new(0),
     });
     let readers: Vec<_> = sockets
         .into_iter()
@@ -268,6 +283,7 @@ pub async fn fanout(opts: &Opts) -> Result<Value, String> {
         .map_err(|e| e.to_string())?;
     let cpu0 = target.cpu_us();
     let started = Instant::now();
+    let started_ns = now_ns();
     // `publishers` tasks take turns on one shared counter; with `--rate` each
     // keeps its share of the rate.
     let left = Arc::new(AtomicU64::new(events as u64));
@@ -316,7 +332,10 @@ pub async fn fanout(opts: &Opts) -> Result<Value, String> {
         "mode": "ws-fanout", "target": target.name(), "subscribers": subs, "events": events,
         "rate_per_s": rate, "publishers": publishers, "expected_deliveries": subs * events, "deliveries": received,
         "publish_seconds": published.as_secs_f64(), "seconds": elapsed.as_secs_f64(),
-        "deliveries_per_s": (received as f64 / elapsed.as_secs_f64()).round(),
+        // Until the last event arrived (a reader short of events waits out its
+        // read timeout, which would otherwise count as delivery time).
+        "deliveries_per_s": (received as f64 / (shared.last_ns.load(Ordering::Relaxed).saturating_sub(started_ns).max(1) as f64 / 1e9)).round(),
+        "readers_short": shared.short.load(Ordering::Relaxed), "readers_over": shared.over.load(Ordering::Relaxed),
         "server_cpu_us_per_delivery": (cpu as f64 / received.max(1) as f64 * 100.0).round() / 100.0,
         "server_cpu_seconds": cpu as f64 / 1e6,
         "latency_ms": {"p50": pct(&lat, 0.5) as f64 / 1000.0, "p99": pct(&lat, 0.99) as f64 / 1000.0, "max": lat.last().copied().unwrap_or(0) as f64 / 1000.0},
