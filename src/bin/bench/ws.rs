@@ -238,6 +238,9 @@ async fn reader(mut s: TcpStream, mut buf: Vec<u8>, expected: usize, shared: Arc
             }
             buf.drain(..len);
         }
+        if got >= expected {
+            break;
+        }
         match tokio::time::timeout(Duration::from_secs(60), s.read(&mut chunk)).await {
             Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
             _ => break,
