@@ -7,7 +7,18 @@ cd "$(dirname "$0")/.."
 
 log() { printf '\n== %s\n' "$*"; }
 
-# --- PostgreSQL on localhost (the multi-node tests use it) -----------------
+# --- PostgreSQL on localhost (the store suite and multi-node tests use it) --
+# Tests connect as postgres@127.0.0.1 without a password and create a fresh
+# database each; the restart test runs private clusters with initdb/pg_ctl.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  log "installing PostgreSQL"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql
+  hba=$(ls /etc/postgresql/*/main/pg_hba.conf | head -1)
+  # A fresh install asks local TCP clients for a password; the tests use trust.
+  sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main reload 2>/dev/null || true
+fi
 if command -v pg_lsclusters >/dev/null 2>&1; then
   if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
     log "starting PostgreSQL"

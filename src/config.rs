@@ -245,6 +245,9 @@ pub struct DeliveryConfig {
     pub per_endpoint: usize,
     /// An endpoint that has failed without a single success for this long is disabled.
     pub disable_after: Dur,
+    /// How often the delivery loops look for work without being woken:
+    /// events or deliveries from another node, a missed wake-up.
+    pub poll_interval: Dur,
 }
 
 impl Default for DeliveryConfig {
@@ -261,6 +264,7 @@ impl Default for DeliveryConfig {
             workers: 64,
             per_endpoint: 4,
             disable_after: Dur::secs(5 * 86400),
+            poll_interval: Dur::secs(1),
         }
     }
 }
@@ -451,6 +455,27 @@ impl Config {
                 "needs at least one entry (the first attempt)",
             ));
         }
+        if self.delivery.workers == 0 {
+            return Err(ConfigError::invalid("delivery.workers", "must be positive"));
+        }
+        if self.delivery.per_endpoint == 0 {
+            return Err(ConfigError::invalid(
+                "delivery.per_endpoint",
+                "must be positive",
+            ));
+        }
+        if self.delivery.timeout.0.is_zero() || self.delivery.connect_timeout.0.is_zero() {
+            return Err(ConfigError::invalid(
+                "delivery.timeout",
+                "timeout and connect_timeout must be positive",
+            ));
+        }
+        if self.delivery.poll_interval.0 < Duration::from_millis(10) {
+            return Err(ConfigError::invalid(
+                "delivery.poll_interval",
+                "must be at least 10ms",
+            ));
+        }
         for (i, cidr) in self.delivery.allow_targets.iter().enumerate() {
             cidr.parse::<ipnet::IpNet>().map_err(|e| {
                 ConfigError::invalid(format!("delivery.allow_targets[{i}]"), e.to_string())
@@ -639,6 +664,7 @@ mod tests {
                 ("PUSHGATE_SERVER__LISTEN", "127.0.0.1:9999"),
                 ("PUSHGATE_AUTH__PUBLISH_KEYS", "[\"pk_1\",\"pk_2\"]"),
                 ("PUSHGATE_LIMITS__STREAMS_PER_CLIENT", "7"),
+                ("PUSHGATE_TOKEN", "ey.."),
                 ("OTHER", "x"),
                 ("PUSHGATE_LOG", "debug"),
             ],

@@ -247,8 +247,21 @@ impl Hub {
 
     /// Fans a committed batch out to the subscribers of each event's channel.
     pub fn dispatch(&self, batch: &[Event]) {
-        let encoded: Vec<(&str, Arc<EncodedEvent>)> = batch
-            .iter()
+        // Encode only events someone listens to. A subscriber that registers
+        // after this look reads the event from the log (it registered before
+        // its read, and the event is already committed), so skipping is safe.
+        let wanted: Vec<&Event> = {
+            let map = self.channels.read().expect("hub lock");
+            batch
+                .iter()
+                .filter(|e| map.contains_key(e.channel.as_str()))
+                .collect()
+        };
+        if wanted.is_empty() {
+            return;
+        }
+        let encoded: Vec<(&str, Arc<EncodedEvent>)> = wanted
+            .into_iter()
             .map(|e| {
                 (
                     e.channel.as_str(),

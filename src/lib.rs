@@ -10,6 +10,7 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod deliver;
 pub mod hub;
 pub mod ingest;
 pub mod limits;
@@ -26,6 +27,7 @@ use tokio::net::TcpListener;
 
 use crate::auth::Auth;
 use crate::config::Config;
+use crate::deliver::Deliverer;
 use crate::hub::Hub;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
@@ -39,6 +41,8 @@ pub struct AppState {
     pub auth: Auth,
     pub limits: Limits,
     pub metrics: Metrics,
+    /// Outbound webhooks: the endpoints API wakes it and uses its SSRF policy.
+    pub deliver: Arc<Deliverer>,
     /// Inbound webhook sources by name, built from `config.sources`.
     pub sources: ingest::Sources,
 }
@@ -57,6 +61,8 @@ pub enum ServeError {
     Auth(#[from] auth::AuthError),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error(transparent)]
+    Deliver(#[from] deliver::DeliverError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -104,20 +110,26 @@ pub async fn serve(
     let auth = Auth::new(&config.auth, &config.server.cors_origins)?;
     let (store, feed) = store::open(&config.store).await?;
     let hub = Arc::new(Hub::new(store.log_tag(), config.server.subscriber_queue));
+    let metrics = Metrics::new();
+    let deliver = Arc::new(Deliverer::new(config.clone(), store.clone(), &metrics)?);
     let app = Arc::new(AppState {
         auth,
         limits: Limits::new(&config.limits),
-        metrics: Metrics::new(),
+        metrics,
         sources,
         config: config.clone(),
         store: store.clone(),
         hub: hub.clone(),
+        deliver: deliver.clone(),
     });
 
     let mut background = tokio::task::JoinSet::new();
-    background.spawn(feed_hub(hub.clone(), feed));
+    background.spawn(feed_hub(hub.clone(), deliver.clone(), feed));
     background.spawn(heartbeat(app.clone()));
     background.spawn(retention(app.clone()));
+    background.spawn(deliver.clone().run_dispatcher());
+    background.spawn(deliver.clone().run_maintenance());
+    let workers = tokio::spawn(deliver.clone().run_workers());
 
     let router = api::router(app.clone());
     let tls = server::tls_acceptor(&config.server)?;
@@ -136,6 +148,9 @@ pub async fn serve(
     )
     .await;
 
+    // Webhook attempts in flight get a moment to finish and be recorded.
+    deliver.stop();
+    let _ = workers.await;
     background.abort_all();
     while background.join_next().await.is_some() {}
     store.close().await;
@@ -143,10 +158,12 @@ pub async fn serve(
     result.map_err(ServeError::from)
 }
 
-/// Feeds the hub from the store's commit feed, in log order.
-async fn feed_hub(hub: Arc<Hub>, mut feed: store::CommitFeed) {
+/// Feeds the hub from the store's commit feed, in log order, and wakes the
+/// outbound webhook dispatcher (which reads the log itself).
+async fn feed_hub(hub: Arc<Hub>, deliver: Arc<Deliverer>, mut feed: store::CommitFeed) {
     while let Some(batch) = feed.recv().await {
         hub.dispatch(&batch);
+        deliver.events_committed();
     }
 }
 

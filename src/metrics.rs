@@ -18,6 +18,8 @@ pub struct Metrics {
     pub streams_ws: Gauge,
     pub streams_poll: Gauge,
     pub lagged_subscribers: Counter,
+    pub webhook_attempts_succeeded: Counter,
+    pub webhook_attempts_failed: Counter,
     /// Inbound webhooks by outcome.
     pub webhooks_accepted: Counter,
     pub webhooks_duplicate: Counter,
@@ -58,6 +60,14 @@ impl Metrics {
             deliveries_ws: counter("pushgate_deliveries_total", &[("transport", "ws")]),
             deliveries_poll: counter("pushgate_deliveries_total", &[("transport", "poll")]),
             lagged_subscribers: counter("pushgate_subscriber_lags_total", &[]),
+            webhook_attempts_succeeded: counter(
+                "pushgate_webhook_attempts_total",
+                &[("result", "succeeded")],
+            ),
+            webhook_attempts_failed: counter(
+                "pushgate_webhook_attempts_total",
+                &[("result", "failed")],
+            ),
             webhooks_accepted: counter("pushgate_webhooks_total", &[("result", "accepted")]),
             webhooks_duplicate: counter("pushgate_webhooks_total", &[("result", "duplicate")]),
             webhooks_rejected: counter("pushgate_webhooks_total", &[("result", "rejected")]),

@@ -75,8 +75,9 @@ pub async fn list(
 pub async fn get(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let id = id.map(|Path(id)| id).unwrap_or_default();
     app.auth
         .authorize_admin(&Credentials::from_request(&headers, None))?;
     let not_found = || ApiError::not_found("not_found", format!("no inbound record `{id}`"));

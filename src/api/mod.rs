@@ -8,6 +8,7 @@
 //! `server.cors_origins` may send credentials (the cookie flow).
 
 pub mod demo;
+pub mod endpoints;
 pub mod error;
 pub mod inbound;
 pub mod publish;
@@ -45,6 +46,20 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/demo/pay", post(demo::pay))
         .route("/client.js", get(demo::client_js))
         .route("/client.d.ts", get(demo::client_dts))
+        .route(
+            "/v1/endpoints",
+            get(endpoints::list).post(endpoints::create),
+        )
+        .route(
+            "/v1/endpoints/{id}",
+            get(endpoints::get)
+                .patch(endpoints::update)
+                .delete(endpoints::delete),
+        )
+        .route("/v1/endpoints/{id}/rotate", post(endpoints::rotate))
+        .route("/v1/endpoints/{id}/secret", get(endpoints::secret))
+        .route("/v1/endpoints/{id}/attempts", get(endpoints::attempts))
+        .route("/v1/endpoints/{id}/replay", post(endpoints::replay))
         .route("/", get(dashboard))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

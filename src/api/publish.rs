@@ -65,11 +65,13 @@ pub fn to_message(
         ));
     }
     if let Some(id) = &id
-        && (id.is_empty() || id.len() > MAX_ID_LEN)
+        && (id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control))
     {
         return Err(ApiError::bad_request(
             "invalid_id",
-            format!("`id` (the idempotency key) must be 1-{MAX_ID_LEN} bytes"),
+            format!(
+                "`id` (the idempotency key) must be 1-{MAX_ID_LEN} bytes without control characters"
+            ),
         ));
     }
     let data = data.unwrap_or_else(|| RawValue::from_string("null".into()).expect("null is JSON"));

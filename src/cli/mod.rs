@@ -3,6 +3,7 @@
 //! Owns argument parsing and what each subcommand prints; the work itself is
 //! done by the library (`serve`) so the CLI stays thin.
 
+pub mod listen;
 pub mod send;
 pub mod serve;
 pub mod token;
@@ -24,17 +25,20 @@ pub struct Cli {
 pub enum Command {
     /// Run the server (zero configuration: 127.0.0.1:8080, ./pushgate.db, development mode).
     Serve(serve::ServeArgs),
-    /// Mint an HS256 subscriber token (JWT) and print it.
-    Token(token::TokenArgs),
+    /// Tail channels in the terminal, or forward each event, signed, to a local URL.
+    Listen(listen::ListenArgs),
     /// Sign and send a realistic sample webhook of a provider (stripe, github, shopify, standard, hmac, none).
     Send(send::SendArgs),
+    /// Mint an HS256 subscriber token (JWT) and print it.
+    Token(token::TokenArgs),
 }
 
 /// Runs the CLI; the return value is the process exit code.
 pub async fn run(cli: Cli) -> i32 {
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
-        Command::Token(args) => token::run(args),
+        Command::Listen(args) => listen::run(args).await,
         Command::Send(args) => send::run(args).await,
+        Command::Token(args) => token::run(args),
     }
 }

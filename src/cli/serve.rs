@@ -83,7 +83,10 @@ fn print_banner(config: &Config, addr: std::net::SocketAddr, demo_secret: Option
         "  publish:    curl -X POST {base}/v1/publish -d '{{\"channel\":\"news\",\"type\":\"hello\",\"data\":{{\"msg\":\"hi\"}}}}'"
     );
     println!("  subscribe:  curl -N '{base}/v1/stream?channel=news'");
-    println!("  log:        {}", config.store.url);
+    println!(
+        "  log:        {}",
+        crate::store::redacted_url(&config.store.url)
+    );
     for source in &config.sources {
         println!(
             "  webhooks:   {base}/webhooks/{} ({})",

@@ -458,9 +458,11 @@ const REDACTED_HEADERS: &[&str] = &["authorization", "proxy-authorization", "coo
 /// `POST /webhooks/{source}`.
 pub async fn receive(
     State(app): State<Arc<AppState>>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, axum::extract::rejection::PathRejection>,
     req: Request,
 ) -> Response {
+    // A name that does not even decode (`%FF`) names no source either.
+    let name = name.map(|Path(n)| n).unwrap_or_default();
     match receive_inner(&app, &name, req).await {
         Ok(resp) => resp,
         Err(e) => e.into_response(),
@@ -474,7 +476,7 @@ async fn receive_inner(
 ) -> Result<Response, ApiError> {
     let headers = req.headers().clone();
     let Some(source) = app.sources.get(name).cloned() else {
-        let shown: String = name.chars().take(64).collect();
+        let shown: String = name.chars().filter(|c| !c.is_control()).take(64).collect();
         let err = ApiError::not_found(
             "unknown_source",
             format!("no source named `{shown}` is configured (see `[[sources]]`)"),
@@ -621,8 +623,10 @@ fn clean_type(kind: String) -> String {
     out
 }
 
+/// Ids longer than `MAX_ID_LEN` or with control characters (PostgreSQL's
+/// TEXT cannot hold NUL) are replaced by their SHA-256: still one key per id.
 fn bound_id(id: String) -> String {
-    if id.len() <= MAX_ID_LEN {
+    if id.len() <= MAX_ID_LEN && !id.chars().any(char::is_control) {
         id
     } else {
         format!(
@@ -733,6 +737,7 @@ mod tests {
         let long = bound_id("x".repeat(1000));
         assert!(long.starts_with("sha256:") && long.len() == 71);
         assert_eq!(long, bound_id("x".repeat(1000)));
+        assert!(bound_id("evt\u{0}1".into()).starts_with("sha256:"));
     }
 
     #[test]

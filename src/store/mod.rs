@@ -8,8 +8,10 @@
 //! - `(source, source_id)` is unique for `dedupe_window`, enforced by the
 //!   database, and outlives the event's own retention;
 //! - every committed batch is sent once, in log order, on the commit feed
-//!   that the hub consumes.
+//!   that the hub consumes (on a shared log: every batch any node commits).
 
+pub mod outbound;
+pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -18,6 +20,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
+
+pub use outbound::{
+    AttemptOutcome, AttemptStatus, AttemptView, ClaimWant, Claimed, Delivery, Endpoint,
+    EndpointPatch, EndpointSecret, Health, NewDelivery, NewEndpoint, NextStep, OutboxAdvance,
+    SecretRotation,
+};
 
 /// Position of an event in the log. Never reused, strictly increasing.
 pub type Seq = i64;
@@ -121,6 +129,79 @@ pub trait Store: Send + Sync + 'static {
 
     /// Finishes in-flight appends and closes. Appends after this fail with `Closed`.
     async fn close(&self);
+
+    // ---- Outbound webhooks (`deliver`) --------------------------------------
+    // Types and invariants: `store::outbound`. Writes the API acknowledges
+    // (endpoints, replays) are durable before they return, like `append`.
+    // Claims, attempt results and the dispatcher's pages may skip their own
+    // sync: losing them in a crash only repeats deliveries (at least once).
+
+    /// Events of every channel with seq > `after`, in log order, at most
+    /// `limit`; `scanned_to` as for `read`. The outbox dispatcher and replay
+    /// walk the whole log with it.
+    async fn read_log(&self, after: Seq, limit: usize) -> Result<Page, StoreError>;
+
+    /// Stores a new endpoint; `from_seq` is the log's head at that moment.
+    async fn create_endpoint(&self, endpoint: NewEndpoint) -> Result<Endpoint, StoreError>;
+
+    /// Every endpoint, oldest first.
+    async fn list_endpoints(&self) -> Result<Vec<Endpoint>, StoreError>;
+
+    async fn get_endpoint(&self, id: &str) -> Result<Option<Endpoint>, StoreError>;
+
+    /// Applies `patch` atomically; `None` if there is no such endpoint.
+    async fn update_endpoint(
+        &self,
+        id: &str,
+        patch: EndpointPatch,
+    ) -> Result<Option<Endpoint>, StoreError>;
+
+    /// Removes the endpoint with its deliveries and attempts; `false` if absent.
+    async fn delete_endpoint(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// Where the outbox dispatcher has got to: every event at or below it
+    /// has its deliveries in the queue. 0 on a new log.
+    async fn outbox_cursor(&self) -> Result<Seq, StoreError>;
+
+    /// Queues `deliveries` and, with `advance`, moves the outbox cursor in the
+    /// same transaction. Returns `false` (and writes nothing) when `advance`
+    /// does not start at the stored cursor.
+    async fn enqueue_deliveries(
+        &self,
+        deliveries: Vec<NewDelivery>,
+        advance: Option<OutboxAdvance>,
+    ) -> Result<bool, StoreError>;
+
+    /// Leases up to `want.max` due pending deliveries of each enabled
+    /// endpoint in `wants` (oldest due first): their attempt count goes up by
+    /// one and `next_ms` moves to `lease_until_ms`. Reports each endpoint's
+    /// next due time after the claim.
+    async fn claim_deliveries(
+        &self,
+        wants: Vec<ClaimWant>,
+        now_ms: i64,
+        lease_until_ms: i64,
+    ) -> Result<Claimed, StoreError>;
+
+    /// Records attempts, in one transaction: each with its `next` step
+    /// (applied only if the delivery is still pending at that attempt, i.e.
+    /// the lease was not lost) and its `health` applied to the endpoint.
+    /// Attempts of deleted deliveries are skipped.
+    async fn record_attempts(&self, outcomes: Vec<AttemptOutcome>) -> Result<(), StoreError>;
+
+    /// The endpoint's pending deliveries (as `Pending` rows, soonest first),
+    /// then its attempts, newest first; at most `limit` rows in all.
+    /// `status` keeps only rows of that status.
+    async fn list_attempts(
+        &self,
+        endpoint_id: &str,
+        status: Option<AttemptStatus>,
+        limit: usize,
+    ) -> Result<Vec<AttemptView>, StoreError>;
+
+    /// Removes finished deliveries and attempts older than `before_ms`;
+    /// returns how many rows went.
+    async fn prune_deliveries(&self, before_ms: i64) -> Result<u64, StoreError>;
 
     // ─── Inbound webhooks: the inspector's record (see `crate::ingest`) ───
     //
@@ -242,11 +323,32 @@ pub async fn open(
     if let Some(path) = config.url.strip_prefix("sqlite://") {
         let (store, feed) = sqlite::SqliteStore::open(path, &config.synchronous)?;
         Ok((Arc::new(store), feed))
+    } else if config.url.starts_with("postgres://") || config.url.starts_with("postgresql://") {
+        // Spawned so this future does not carry sqlx's borrowed executors
+        // (whose Send proofs rustc cannot always carry through `serve`).
+        let (url, pool_size) = (config.url.clone(), config.pool_size);
+        let (store, feed) =
+            tokio::spawn(async move { postgres::PostgresStore::open(&url, pool_size).await })
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+        Ok((Arc::new(store), feed))
     } else {
         Err(StoreError::Unavailable(format!(
             "unsupported store url `{}`",
             config.url
         )))
+    }
+}
+
+/// The store URL for logs and banners: a password in it (PostgreSQL) is
+/// replaced by `***`, because secrets are never printed.
+pub fn redacted_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -363,6 +465,19 @@ mod tests {
                 "{junk}"
             );
         }
+    }
+
+    #[test]
+    fn store_urls_are_printed_without_passwords() {
+        assert_eq!(
+            redacted_url("postgres://pushgate:s3cret@db:5432/log"),
+            "postgres://pushgate:***@db:5432/log"
+        );
+        assert_eq!(
+            redacted_url("postgres://pushgate@db/log"),
+            "postgres://pushgate@db/log"
+        );
+        assert_eq!(redacted_url("sqlite://pushgate.db"), "sqlite://pushgate.db");
     }
 
     #[test]

@@ -169,6 +169,27 @@ impl SseClient {
         }
     }
 
+    /// Like `connect`, but a refused or failed connection is an error, not
+    /// a panic (for clients that reconnect elsewhere, as browsers do).
+    pub async fn try_connect(
+        client: &reqwest::Client,
+        url: &str,
+        last_event_id: Option<&str>,
+    ) -> Result<SseClient, String> {
+        let mut req = client
+            .get(url)
+            .header("accept", "text/event-stream")
+            .timeout(Duration::from_secs(3600));
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        let resp = req.send().await.map_err(|e| e.to_string())?;
+        if resp.status() != 200 {
+            return Err(format!("status {}", resp.status()));
+        }
+        Ok(SseClient::from_response(resp))
+    }
+
     /// Wraps an already-sent request's response (for custom headers).
     pub fn from_response(resp: reqwest::Response) -> SseClient {
         assert_eq!(resp.status(), 200, "SSE status");

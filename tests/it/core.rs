@@ -665,6 +665,13 @@ async fn bad_input_is_refused_clearly_and_stores_nothing() {
             "invalid_type",
         ),
         (
+            s.client
+                .post(s.url("/v1/publish"))
+                .json(&json!({"channel":"ok","id":"k\u{0}"})),
+            400,
+            "invalid_id",
+        ),
+        (
             s.client.post(s.url("/v1/publish")).body(format!(
                 "{{\"channel\":\"ok\",\"data\":\"{}\"}}",
                 "x".repeat(100_000)

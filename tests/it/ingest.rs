@@ -400,8 +400,10 @@ async fn every_kind_verifies_dedupes_routes_and_refuses() {
     for kind in KINDS {
         exercise(&s, kind).await;
     }
-    let (st, v) = post(&s, "/webhooks/nope", &[], "{}").await;
-    assert_eq!((st, error_code(&v)), (404, "unknown_source"));
+    for path in ["/webhooks/nope", "/webhooks/%FF%FE"] {
+        let (st, v) = post(&s, path, &[], "{}").await;
+        assert_eq!((st, error_code(&v)), (404, "unknown_source"), "{path}");
+    }
 }
 
 #[tokio::test]
@@ -620,6 +622,7 @@ async fn inspector_keeps_headers_bodies_and_reasons() {
     for (path, status, code) in [
         ("/v1/inbound/999999", 404, "not_found"),
         ("/v1/inbound/abc", 404, "not_found"),
+        ("/v1/inbound/%FF", 404, "not_found"),
         ("/v1/inbound?status=maybe", 400, "invalid_status"),
         ("/v1/inbound?limit=0", 400, "invalid_limit"),
     ] {
@@ -976,4 +979,78 @@ async fn concurrent_distinct_and_duplicate_deliveries() {
     let fresh = replies.iter().filter(|v| v["duplicate"] == false).count();
     assert_eq!(fresh, 40, "each message stored once");
     assert_eq!(events(&s, "user:c").await.len(), 40);
+}
+
+/// The same pipeline on PostgreSQL: accepted, duplicates (also two at once),
+/// refusals recorded, inspector reads, event on the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_on_postgresql() {
+    let db = crate::pg::PgTestDb::create().await;
+    let s = TestServer::with(|c| {
+        c.store.url = db.url.clone();
+        c.sources.push(source("standard"));
+        c.sources.push(source("none"));
+    })
+    .await;
+    let mut sub = s.sse("channel=user:pg").await;
+    let body = payload("msg_pg1", Some("pg"));
+    let h = sign("standard", NEW, body.as_bytes(), now(), "msg_pg1");
+    let (a, b) = tokio::join!(
+        post(&s, "/webhooks/standard", &h, body.clone()),
+        post(&s, "/webhooks/standard", &h, body.clone())
+    );
+    assert_eq!((a.0, b.0), (200, 200), "{a:?} {b:?}");
+    assert_eq!(a.1["id"], b.1["id"]);
+    assert_eq!(
+        [&a.1, &b.1]
+            .iter()
+            .filter(|v| v["duplicate"] == true)
+            .count(),
+        1,
+        "{a:?} {b:?}"
+    );
+    let ev = sub.next_timeout(T).await.expect("event on the stream");
+    assert!(ev.data.contains(AS_WRITTEN), "{}", ev.data);
+    let (st, _) = post(
+        &s,
+        "/webhooks/standard",
+        &sign("standard", WRONG, body.as_bytes(), now(), "msg_x"),
+        body.clone(),
+    )
+    .await;
+    assert_eq!(st, 401);
+    // A body id with a NUL (which PostgreSQL's TEXT cannot hold) is still one key.
+    let nul = "{\"id\": \"evt\\u0000x\", \"type\": \"t\"}";
+    for duplicate in [false, true] {
+        let (st, v) = post(&s, "/webhooks/none", &[], nul).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["duplicate"], duplicate);
+    }
+    let list: Value = s
+        .client
+        .get(s.url("/v1/inbound?source=standard"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let items = list["inbound"].as_array().unwrap();
+    assert_eq!(items.len(), 3, "{list}");
+    assert_eq!(items[0]["reason"], "invalid_signature");
+    let accepted = items
+        .iter()
+        .find(|i| i["duplicate"] == false && i["status"] == "accepted")
+        .unwrap();
+    let one: Value = s
+        .client
+        .get(s.url(&format!("/v1/inbound/{}", accepted["id"].as_str().unwrap())))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["body"], body);
+    assert_eq!(events(&s, "user:pg").await.len(), 1);
 }

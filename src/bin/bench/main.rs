@@ -8,11 +8,15 @@
 //!   pushgate-bench fanout  --target pushgate|nchan --subs 1000 --events 200 [--rate 2]
 //!   pushgate-bench publish --concurrency 64 --seconds 5
 //!   pushgate-bench sqlite-baseline --batch 64 --seconds 5
+//!   pushgate-bench deliver --endpoints 100 --events 1000 --rate 20 --seconds 5
 //!   pushgate-bench webhooks --url http://127.0.0.1:8080/webhooks/demo --secret whsec_… [--concurrency 64]
+//!   pushgate-bench pg      --url postgres://postgres@127.0.0.1:5432/postgres --nodes 1,3 --publishers 64
 //!   pushgate-bench ws-idle   --target pushgate|nchan --conns 10000
 //!   pushgate-bench ws-fanout --target pushgate|nchan --subs 10000 --events 50
 
+mod deliver;
 mod fanout;
+mod pg;
 mod publish;
 mod target;
 mod webhooks;
@@ -35,11 +39,13 @@ fn main() {
             "fanout" => fanout::fanout(&opts).await,
             "publish" => publish::publish(&opts).await,
             "sqlite-baseline" => publish::sqlite_baseline(&opts),
+            "deliver" => deliver::deliver(&opts).await,
             m @ ("ws-idle" | "ws-fanout") => ws::run(m, &opts).await,
             "webhooks" => webhooks::webhooks(&opts).await,
+            "pg" => pg::pg(&opts).await,
             _ => {
                 eprintln!(
-                    "usage: pushgate-bench idle|fanout|publish|sqlite-baseline|webhooks|ws-idle|ws-fanout [--key value]…  (see docs/benchmarks.md)"
+                    "usage: pushgate-bench idle|fanout|publish|sqlite-baseline|pg|webhooks|deliver|ws-idle|ws-fanout [--key value]…  (see docs/benchmarks.md)"
                 );
                 std::process::exit(2);
             }

@@ -21,35 +21,49 @@ use serde_json::{Value, json};
 
 use crate::Opts;
 
-/// A realistic `payment_intent.succeeded` event (about 1 KiB), unique per call.
+/// A realistic `payment_intent.succeeded` event (about 1 KiB, pretty-printed
+/// like Stripe's), unique per call. Formatted from a template so the load
+/// generator spends its CPU on sending, not on building JSON.
 fn event(run: &str, sender: usize, n: u64, now: i64) -> Vec<u8> {
-    serde_json::to_vec_pretty(&json!({
-        "id": format!("evt_bench_{run}_{sender}_{n}"),
-        "object": "event",
-        "api_version": "2024-06-20",
-        "created": now,
-        "data": {"object": {
-            "id": format!("pi_bench_{run}_{sender}_{n}"),
-            "object": "payment_intent",
-            "amount": 2000,
-            "amount_received": 2000,
-            "currency": "usd",
-            "customer": "cus_Bench0000001",
-            "description": "Pushgate Pro (monthly)",
-            "latest_charge": "ch_3Nx0000000000000000000",
-            "livemode": false,
-            "metadata": {"user_id": format!("bench-{sender}"), "order_id": n.to_string()},
-            "payment_method": "pm_1Nx0000000000000000000",
-            "payment_method_types": ["card"],
-            "receipt_email": "jenny.rosen@example.com",
-            "status": "succeeded"
-        }},
-        "livemode": false,
-        "pending_webhooks": 1,
-        "request": {"id": "req_bench", "idempotency_key": null},
-        "type": "payment_intent.succeeded"
-    }))
-    .expect("serializes")
+    format!(
+        r#"{{
+  "id": "evt_bench_{run}_{sender}_{n}",
+  "object": "event",
+  "api_version": "2024-06-20",
+  "created": {now},
+  "data": {{
+    "object": {{
+      "id": "pi_bench_{run}_{sender}_{n}",
+      "object": "payment_intent",
+      "amount": 2000,
+      "amount_received": 2000,
+      "currency": "usd",
+      "customer": "cus_Bench0000001",
+      "description": "Pushgate Pro (monthly)",
+      "latest_charge": "ch_3Nx0000000000000000000",
+      "livemode": false,
+      "metadata": {{
+        "user_id": "bench-{sender}",
+        "order_id": "{n}"
+      }},
+      "payment_method": "pm_1Nx0000000000000000000",
+      "payment_method_types": [
+        "card"
+      ],
+      "receipt_email": "jenny.rosen@example.com",
+      "status": "succeeded"
+    }}
+  }},
+  "livemode": false,
+  "pending_webhooks": 1,
+  "request": {{
+    "id": "req_bench",
+    "idempotency_key": null
+  }},
+  "type": "payment_intent.succeeded"
+}}"#
+    )
+    .into_bytes()
 }
 
 #[derive(Default)]
@@ -62,7 +76,8 @@ struct Tally {
 }
 
 /// Options: `--url` and `--secret` (required), `--concurrency 64`,
-/// `--seconds 20`, `--warmup 2` (seconds sent before measuring).
+/// `--seconds 20`, `--warmup 2` (seconds sent before measuring),
+/// `--server-pid PID` (to report the server's CPU per webhook).
 pub async fn webhooks(opts: &Opts) -> Result<Value, String> {
     let url = opts.str("url", "");
     let secret = opts.str("secret", "");
@@ -71,6 +86,8 @@ pub async fn webhooks(opts: &Opts) -> Result<Value, String> {
     }
     let concurrency: usize = opts.get("concurrency", 64).max(1);
     let duration = Duration::from_secs_f64(opts.get("seconds", 20.0));
+    // Optional: the server's pid, to report its CPU per accepted webhook.
+    let server_pid = Some(opts.get("server-pid", 0u32)).filter(|p| *p > 0);
     let warmup = Duration::from_secs_f64(opts.get("warmup", 2.0));
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
@@ -142,10 +159,16 @@ pub async fn webhooks(opts: &Opts) -> Result<Value, String> {
     }
     tokio::time::sleep(warmup).await;
     measuring.store(true, Ordering::Relaxed);
+    let cpu_before = server_pid.map(process_cpu_us);
+    let own_before = process_cpu_us(std::process::id());
     let started = Instant::now();
     tokio::time::sleep(duration).await;
     measuring.store(false, Ordering::Relaxed);
     let measured = started.elapsed();
+    let server_cpu_us = server_pid
+        .zip(cpu_before)
+        .map(|(pid, before)| process_cpu_us(pid).saturating_sub(before));
+    let own_cpu_us = process_cpu_us(std::process::id()).saturating_sub(own_before);
     stop.store(true, Ordering::Relaxed);
 
     let mut total = Tally::default();
@@ -188,7 +211,21 @@ pub async fn webhooks(opts: &Opts) -> Result<Value, String> {
             "p99": pct(0.99),
             "max": pct(1.0),
         },
+        "server_cpu_us_per_webhook": server_cpu_us.map(|us| us / total.accepted.max(1)),
+        "bench_cpu_us_per_webhook": own_cpu_us / total.accepted.max(1),
     }))
+}
+
+/// utime + stime of a process (all its threads), in microseconds.
+fn process_cpu_us(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| f.get(*i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    ticks * 10_000 // USER_HZ is 100 on Linux
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
