@@ -2,8 +2,9 @@
 //!
 //! One task per connection drives everything: client frames, the hub, acks
 //! of publishes and the heartbeat; there is no per-connection timer or
-//! channel. The frame codec is tokio-tungstenite (through axum), whose CI runs
-//! the Autobahn conformance suite. Invariants:
+//! channel. The frame codec is tokio-tungstenite, whose CI runs the Autobahn
+//! conformance suite; the upgrade is taken from hyper directly, so that task
+//! holds a single copy of the connection's state. Invariants:
 //! - each `subscribe` op is its own hub registration with its own cursor; it
 //!   registers *before* reading the log, then never sends a seq at or below
 //!   the last one it sent (the same catch-up rule as SSE), and a lagged
