@@ -318,9 +318,11 @@ class StreamConnection extends Connection {
   /** Long-polling: `next` is always the cursor to send next. */
   async poll (abort) {
     const sub = this.sub
-    for (;;) {
+    // The first request does not wait, so the state is `open` at once.
+    for (let first = true; ; first = false) {
       const pairs = this.channelPairs()
-      if (sub.cursor) pairs.push(['after', sub.cursor], ['wait', this.client.pollWait])
+      if (sub.cursor) pairs.push(['after', sub.cursor])
+      if (sub.cursor && !first) pairs.push(['wait', this.client.pollWait])
       const page = await (await this.get('/v1/events', pairs, abort.signal)).json()
       if (abort.signal.aborted) return
       if (this.state !== 'open') this.opened()
