@@ -33,10 +33,23 @@ if ! command -v openssl >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq openssl
 fi
 
+# --- Browser tests: Debian's Chromium, and nginx as a buffering proxy ------
+missing=()
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
 # --- Node.js packages for interop and browser tests -------------------------
 if [ -f tests/js/package.json ]; then
   log "installing test JavaScript packages"
-  (cd tests/js && npm install --no-audit --no-fund --loglevel=error)
+  # playwright-core drives /usr/bin/chromium; it must never fetch a browser.
+  (cd tests/js && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm install --no-audit --no-fund --loglevel=error)
 fi
 
 log "cargo test"

@@ -43,6 +43,7 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
     pub limits: LimitsConfig,
     pub delivery: DeliveryConfig,
+    pub websocket: WebSocketConfig,
     /// Set by `serve --insecure`, never by the file: allows a non-loopback
     /// listen address without keys.
     #[serde(skip)]
@@ -268,6 +269,40 @@ impl Default for DeliveryConfig {
     }
 }
 
+/// `[websocket]`: what one WebSocket connection may cost and send.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// A peer that sends nothing (not even a pong) for this long after a
+    /// ping is closed. Checked on each `server.heartbeat`.
+    pub pong_timeout: Dur,
+    /// Largest client message (and frame); larger ones close the connection (1009).
+    pub max_message: ByteSize,
+    /// Client frames per second (burst: as many again); 0 = unlimited.
+    /// Past it frames get a `rate_limited` error; a client that keeps going is closed (4008).
+    pub messages_per_second: u32,
+    /// A client that does not take our pending frames within this is closed (4008).
+    pub send_timeout: Dur,
+    /// Initial read buffer per connection: small, so an idle connection costs little.
+    pub read_buffer: ByteSize,
+    /// Publishes one connection may have waiting for the log at once; past
+    /// it the connection is not read until one completes.
+    pub max_inflight_publishes: usize,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            pong_timeout: Dur::secs(30),
+            max_message: ByteSize(64 << 10),
+            messages_per_second: 50,
+            send_timeout: Dur::secs(10),
+            read_buffer: ByteSize(512),
+            max_inflight_publishes: 64,
+        }
+    }
+}
+
 /// A duration written the contract's way: `250ms`, `3s`, `5m`, `2h`, `7d`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Dur(pub Duration);
@@ -480,6 +515,18 @@ impl Config {
             if let Some(i) = list.iter().position(|k| k.trim().is_empty()) {
                 return Err(ConfigError::invalid(format!("{key}[{i}]"), "is empty"));
             }
+        }
+        if self.websocket.max_message.0 < 1024 {
+            return Err(ConfigError::invalid(
+                "websocket.max_message",
+                "must be at least 1KiB",
+            ));
+        }
+        if self.websocket.max_inflight_publishes == 0 {
+            return Err(ConfigError::invalid(
+                "websocket.max_inflight_publishes",
+                "must be positive",
+            ));
         }
         if self.limits.batch_size == 0 {
             return Err(ConfigError::invalid(

@@ -7,6 +7,7 @@
 //! CORS answers preflights before any route runs, and only origins listed in
 //! `server.cors_origins` may send credentials (the cookie flow).
 
+pub mod demo;
 pub mod endpoints;
 pub mod error;
 pub mod inbound;
@@ -29,7 +30,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::AppState;
 use crate::auth::Credentials;
-use crate::transport::{poll, sse};
+use crate::transport::{poll, sse, ws};
 use error::ApiError;
 
 pub fn router(app: Arc<AppState>) -> Router {
@@ -40,6 +41,11 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/v1/inbound/{id}", get(inbound::get))
         .route("/v1/stream", get(sse::stream))
         .route("/v1/events", get(poll::events))
+        .route("/v1/ws", get(ws::upgrade))
+        .route("/demo", get(demo::page))
+        .route("/demo/pay", post(demo::pay))
+        .route("/client.js", get(demo::client_js))
+        .route("/client.d.ts", get(demo::client_dts))
         .route(
             "/v1/endpoints",
             get(endpoints::list).post(endpoints::create),

@@ -8,6 +8,7 @@
 
 pub mod poll;
 pub mod sse;
+pub mod ws;
 
 use crate::AppState;
 use crate::api::error::ApiError;

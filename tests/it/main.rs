@@ -2,6 +2,7 @@
 //! to it over real HTTP. One binary, many modules, so the suite links once.
 
 mod auth;
+mod browser;
 mod common;
 mod core;
 mod ingest;
@@ -12,3 +13,4 @@ mod pg_store;
 mod store_suite;
 mod webhooks;
 mod webhooks_process;
+mod ws;

@@ -11,6 +11,8 @@
 //!   pushgate-bench deliver --endpoints 100 --events 1000 --rate 20 --seconds 5
 //!   pushgate-bench webhooks --url http://127.0.0.1:8080/webhooks/demo --secret whsec_… [--concurrency 64]
 //!   pushgate-bench pg      --url postgres://postgres@127.0.0.1:5432/postgres --nodes 1,3 --publishers 64
+//!   pushgate-bench ws-idle   --target pushgate|nchan --conns 10000
+//!   pushgate-bench ws-fanout --target pushgate|nchan --subs 10000 --events 50
 
 mod deliver;
 mod fanout;
@@ -18,6 +20,7 @@ mod pg;
 mod publish;
 mod target;
 mod webhooks;
+mod ws;
 
 use std::collections::HashMap;
 
@@ -37,11 +40,12 @@ fn main() {
             "publish" => publish::publish(&opts).await,
             "sqlite-baseline" => publish::sqlite_baseline(&opts),
             "deliver" => deliver::deliver(&opts).await,
+            m @ ("ws-idle" | "ws-fanout") => ws::run(m, &opts).await,
             "webhooks" => webhooks::webhooks(&opts).await,
             "pg" => pg::pg(&opts).await,
             _ => {
                 eprintln!(
-                    "usage: pushgate-bench idle|fanout|publish|sqlite-baseline|pg|webhooks|deliver [--key value]…  (see docs/benchmarks.md)"
+                    "usage: pushgate-bench idle|fanout|publish|sqlite-baseline|pg|webhooks|deliver|ws-idle|ws-fanout [--key value]…  (see docs/benchmarks.md)"
                 );
                 std::process::exit(2);
             }
