@@ -856,7 +856,7 @@ ORDER BY e.seq";
 // --------------------------------------------------------------- outbound --
 //
 // The delivery queue is shared by every node (docs/architecture.md,
-// "Outbound webhooks on PostgreSQL"):
+// "Outbound webhooks on several nodes"):
 // - a claim selects due rows `FOR UPDATE SKIP LOCKED` and, in the same
 //   transaction, leases them (attempts + 1, `next_ms` = the lease's end).
 //   Rows another node is claiming are skipped, not waited for; a row whose
