@@ -84,6 +84,53 @@ pub struct EndpointPatch {
     pub rotate: Option<SecretRotation>,
 }
 
+impl EndpointPatch {
+    /// Applies the patch to an endpoint read in the same transaction; both
+    /// stores use this, so PATCH means the same thing on each.
+    pub fn apply_to(self, e: &mut Endpoint, now: i64) {
+        if let Some(url) = self.url {
+            e.url = url;
+        }
+        if let Some(channels) = self.channels {
+            e.channels = channels;
+        }
+        if let Some(types) = self.types {
+            e.types = types;
+        }
+        if let Some(description) = self.description {
+            e.description = description;
+        }
+        if let Some(rate_limit) = self.rate_limit {
+            e.rate_limit = rate_limit;
+        }
+        match self.enabled {
+            Some(true) => {
+                e.enabled = true;
+                e.disabled_reason = None;
+                e.failing_since_ms = None;
+            }
+            Some(false) if e.enabled => {
+                e.enabled = false;
+                e.disabled_reason = self.disabled_reason;
+            }
+            _ => {}
+        }
+        if let Some(rotation) = self.rotate {
+            let previous = e.secrets.first().map(|s| EndpointSecret {
+                secret: s.secret.clone(),
+                expires_ms: Some(rotation.previous_expires_ms),
+            });
+            e.secrets = std::iter::once(EndpointSecret {
+                secret: rotation.secret,
+                expires_ms: None,
+            })
+            .chain(previous.filter(|p| p.expires_ms > Some(now)))
+            .collect();
+        }
+        e.updated_ms = now;
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SecretRotation {
     pub secret: String,

@@ -953,50 +953,6 @@ async fn write_endpoint(conn: &mut PgConnection, e: &Endpoint) -> Result<(), Sto
     Ok(())
 }
 
-/// Applies a patch exactly as the SQLite store does (see `patch_endpoint` there).
-fn apply_patch(e: &mut Endpoint, patch: EndpointPatch, now: i64) {
-    if let Some(url) = patch.url {
-        e.url = url;
-    }
-    if let Some(channels) = patch.channels {
-        e.channels = channels;
-    }
-    if let Some(types) = patch.types {
-        e.types = types;
-    }
-    if let Some(description) = patch.description {
-        e.description = description;
-    }
-    if let Some(rate_limit) = patch.rate_limit {
-        e.rate_limit = rate_limit;
-    }
-    match patch.enabled {
-        Some(true) => {
-            e.enabled = true;
-            e.disabled_reason = None;
-            e.failing_since_ms = None;
-        }
-        Some(false) if e.enabled => {
-            e.enabled = false;
-            e.disabled_reason = patch.disabled_reason;
-        }
-        _ => {}
-    }
-    if let Some(rotation) = patch.rotate {
-        let previous = e.secrets.first().map(|s| EndpointSecret {
-            secret: s.secret.clone(),
-            expires_ms: Some(rotation.previous_expires_ms),
-        });
-        e.secrets = std::iter::once(EndpointSecret {
-            secret: rotation.secret,
-            expires_ms: None,
-        })
-        .chain(previous.filter(|p| p.expires_ms > Some(now)))
-        .collect();
-    }
-    e.updated_ms = now;
-}
-
 /// Turns off the commit's wait for the WAL flush, for this transaction only.
 async fn relax_commit(conn: &mut PgConnection) -> Result<(), StoreError> {
     sqlx::query("SET LOCAL synchronous_commit = off")
@@ -1465,7 +1421,7 @@ impl Store for PostgresStore {
         let Some(mut endpoint) = select_endpoint(&mut tx, id, true).await? else {
             return Ok(None);
         };
-        apply_patch(&mut endpoint, patch, super::now_ms());
+        patch.apply_to(&mut endpoint, super::now_ms());
         write_endpoint(&mut tx, &endpoint).await?;
         tx.commit().await.map_err(unavailable)?;
         Ok(Some(endpoint))

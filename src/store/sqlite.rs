@@ -957,47 +957,7 @@ fn patch_endpoint(
     let Some(mut e) = select_endpoint(&tx, id)? else {
         return Ok(None);
     };
-    let now = now_ms();
-    if let Some(url) = patch.url {
-        e.url = url;
-    }
-    if let Some(channels) = patch.channels {
-        e.channels = channels;
-    }
-    if let Some(types) = patch.types {
-        e.types = types;
-    }
-    if let Some(description) = patch.description {
-        e.description = description;
-    }
-    if let Some(rate_limit) = patch.rate_limit {
-        e.rate_limit = rate_limit;
-    }
-    match patch.enabled {
-        Some(true) => {
-            e.enabled = true;
-            e.disabled_reason = None;
-            e.failing_since_ms = None;
-        }
-        Some(false) if e.enabled => {
-            e.enabled = false;
-            e.disabled_reason = patch.disabled_reason;
-        }
-        _ => {}
-    }
-    if let Some(rotation) = patch.rotate {
-        let previous = e.secrets.first().map(|s| EndpointSecret {
-            secret: s.secret.clone(),
-            expires_ms: Some(rotation.previous_expires_ms),
-        });
-        e.secrets = std::iter::once(EndpointSecret {
-            secret: rotation.secret,
-            expires_ms: None,
-        })
-        .chain(previous.filter(|p| p.expires_ms > Some(now)))
-        .collect();
-    }
-    e.updated_ms = now;
+    patch.apply_to(&mut e, now_ms());
     tx.execute(
         "UPDATE endpoints SET url = ?2, channels = ?3, types = ?4, description = ?5, enabled = ?6,
              disabled_reason = ?7, rate_limit = ?8, secrets = ?9, failing_since_ms = ?10,
