@@ -407,3 +407,68 @@ async fn pay_exists_only_in_development_mode() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "not_found");
 }
+
+#[tokio::test]
+async fn dashboard_shows_live_events_the_inspector_and_endpoints() {
+    let s = TestServer::with(|c| {
+        pushgate::ingest::add_demo_source(c).expect("development mode adds the demo source");
+        c.delivery.allow_private_targets = true;
+    })
+    .await;
+    // One signed webhook from the demo source, for the inspector.
+    let r = s.client.post(s.url("/demo/pay")).send().await.unwrap();
+    assert!(r.status().is_success(), "pay: {}", r.status());
+    let script = Script::start("browser-dashboard.mjs", &s.base);
+    println!("{}", script.finish().await);
+    let endpoints: Value = s
+        .client
+        .get(s.url("/v1/endpoints"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        endpoints["endpoints"][0]["url"], "http://127.0.0.1:9/hook",
+        "created from the page"
+    );
+}
+
+#[tokio::test]
+async fn dashboard_data_needs_the_admin_key() {
+    let s = TestServer::with(|c| c.auth.admin_keys = vec!["ak_dashboard_test".into()]).await;
+    assert_eq!(
+        s.client.get(s.url("/")).send().await.unwrap().status(),
+        200,
+        "the page itself is static"
+    );
+    let refused = s.client.get(s.url("/v1/inbound")).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    let allowed = s
+        .client
+        .get(s.url("/v1/inbound"))
+        .bearer_auth("ak_dashboard_test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(allowed.status(), 200);
+    let sse = s
+        .client
+        .get(s.url("/v1/stream?channel=user:demo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status(), 401);
+    let sse = s
+        .client
+        .get(s.url("/v1/stream?channel=user:demo&token=ak_dashboard_test"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        sse.status(),
+        200,
+        "the admin key reads any channel, as the dashboard does"
+    );
+}
