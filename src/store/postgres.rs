@@ -820,6 +820,32 @@ async fn run_tailer(
 
 // ------------------------------------------------------------------ reads --
 
+/// A page from rows of `READ_PAGE` / `READ_LOG_PAGE`: every row carries the
+/// head (column 7) from the same snapshot; a row with no seq is the head alone.
+fn page_from_rows(rows: &[PgRow], after: Seq, limit: usize) -> Result<Page, StoreError> {
+    let head: Seq = match rows.first() {
+        Some(r) => r
+            .try_get(7)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        None => return Err(StoreError::Corrupt("log_state has no row".into())),
+    };
+    let mut events = Vec::with_capacity(rows.len());
+    for row in rows {
+        let seq: Option<Seq> = row
+            .try_get(0)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        if seq.is_some() {
+            events.push(row_to_event(row)?);
+        }
+    }
+    let scanned_to = if events.len() >= limit {
+        events.last().map(|e| e.seq).unwrap_or(after)
+    } else {
+        head.max(after)
+    };
+    Ok(Page { events, scanned_to })
+}
+
 fn row_to_event(row: &PgRow) -> Result<Event, StoreError> {
     let corrupt = |e: sqlx::Error| StoreError::Corrupt(e.to_string());
     let data: String = row.try_get(6).map_err(corrupt)?;
@@ -1290,27 +1316,7 @@ impl Store for PostgresStore {
             .fetch_all(&self.pool)
             .await
             .map_err(unavailable)?;
-        let head: Seq = match rows.first() {
-            Some(r) => r
-                .try_get(7)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-            None => return Err(StoreError::Corrupt("log_state has no row".into())),
-        };
-        let mut events = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let seq: Option<Seq> = row
-                .try_get(0)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            if seq.is_some() {
-                events.push(row_to_event(row)?);
-            }
-        }
-        let scanned_to = if events.len() >= limit {
-            events.last().map(|e| e.seq).unwrap_or(after)
-        } else {
-            head.max(after)
-        };
-        Ok(Page { events, scanned_to })
+        page_from_rows(&rows, after, limit)
     }
 
     async fn bounds(&self) -> Result<Bounds, StoreError> {
@@ -1346,27 +1352,7 @@ impl Store for PostgresStore {
             .fetch_all(&self.pool)
             .await
             .map_err(unavailable)?;
-        let head: Seq = match rows.first() {
-            Some(r) => r
-                .try_get(7)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-            None => return Err(StoreError::Corrupt("log_state has no row".into())),
-        };
-        let mut events = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let seq: Option<Seq> = row
-                .try_get(0)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            if seq.is_some() {
-                events.push(row_to_event(row)?);
-            }
-        }
-        let scanned_to = if events.len() >= limit {
-            events.last().map(|e| e.seq).unwrap_or(after)
-        } else {
-            head.max(after)
-        };
-        Ok(Page { events, scanned_to })
+        page_from_rows(&rows, after, limit)
     }
 
     async fn create_endpoint(&self, endpoint: NewEndpoint) -> Result<Endpoint, StoreError> {
