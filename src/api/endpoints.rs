@@ -49,9 +49,14 @@ fn endpoint_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiE
 }
 
 async fn load(app: &AppState, id: &str) -> Result<Endpoint, ApiError> {
-    app.store.get_endpoint(id).await?.ok_or_else(|| {
-        ApiError::not_found("endpoint_not_found", format!("no endpoint `{}`", shown(id)))
-    })
+    app.store
+        .get_endpoint(id)
+        .await?
+        .ok_or_else(|| not_found(id))
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::not_found("endpoint_not_found", format!("no endpoint `{}`", shown(id)))
 }
 
 fn shown(s: &str) -> String {
@@ -325,12 +330,7 @@ pub async fn update(
         .store
         .update_endpoint(&id, patch)
         .await?
-        .ok_or_else(|| {
-            ApiError::not_found(
-                "endpoint_not_found",
-                format!("no endpoint `{}`", shown(&id)),
-            )
-        })?;
+        .ok_or_else(|| not_found(&id))?;
     app.deliver.endpoints_changed();
     Ok(Json(endpoint_json(&e)))
 }
@@ -342,10 +342,7 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     let id = endpoint_id(path)?;
     if !app.store.delete_endpoint(&id).await? {
-        return Err(ApiError::not_found(
-            "endpoint_not_found",
-            format!("no endpoint `{}`", shown(&id)),
-        ));
+        return Err(not_found(&id));
     }
     app.deliver.endpoints_changed();
     Ok(StatusCode::NO_CONTENT)
@@ -415,12 +412,7 @@ pub async fn rotate(
         .store
         .update_endpoint(&id, patch)
         .await?
-        .ok_or_else(|| {
-            ApiError::not_found(
-                "endpoint_not_found",
-                format!("no endpoint `{}`", shown(&id)),
-            )
-        })?;
+        .ok_or_else(|| not_found(&id))?;
     app.deliver.endpoints_changed();
     let mut v = endpoint_json(&e);
     v["secret"] = json!(secret);
