@@ -17,8 +17,6 @@
 //! - development mode (no keys at all) grants everything, and only exists on
 //!   a loopback listener unless `--insecure` (enforced by `serve`).
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use base64::Engine;
 use http::HeaderMap;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -26,7 +24,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+pub use crate::channel::{Pattern, any_matches};
+pub use crate::clock::unix_now;
 use crate::config::AuthConfig;
+pub use crate::config::normalize_origin;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
@@ -36,36 +37,6 @@ pub enum AuthError {
     Forbidden(String),
     #[error("cannot load the JWT key: {0}")]
     BadKey(String),
-}
-
-/// A channel pattern from a grant or `public_channels`: exact, or a prefix
-/// ending in `*` that matches one or more further characters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pattern(String);
-
-impl Pattern {
-    pub fn new(p: &str) -> Pattern {
-        Pattern(p.to_string())
-    }
-    pub fn matches(&self, channel: &str) -> bool {
-        match self.0.strip_suffix('*') {
-            Some(prefix) => channel.len() > prefix.len() && channel.starts_with(prefix),
-            None => self.0 == channel,
-        }
-    }
-    /// Whether `p` is a pattern a grant or `public_channels` may hold: a
-    /// channel name, optionally ending in `*`, or `*` alone.
-    pub fn is_valid(p: &str) -> bool {
-        match p.strip_suffix('*') {
-            Some("") => true,
-            Some(prefix) => crate::store::valid_channel(prefix),
-            None => crate::store::valid_channel(p),
-        }
-    }
-}
-
-pub fn any_matches(patterns: &[Pattern], channel: &str) -> bool {
-    patterns.iter().any(|p| p.matches(channel))
 }
 
 /// The `pushgate` claim of a subscriber token.
@@ -236,12 +207,6 @@ fn request_origin(headers: &HeaderMap) -> RequestOrigin {
         (Some(a), Some(h)) if a == h => RequestOrigin::Same,
         _ => RequestOrigin::Cross(origin),
     }
-}
-
-/// `https://App.example.com/` → `https://app.example.com`, the form a
-/// browser's `Origin` header has.
-pub fn normalize_origin(origin: &str) -> String {
-    origin.trim().trim_end_matches('/').to_ascii_lowercase()
 }
 
 /// Who a publish request is, for rate limits.
@@ -605,13 +570,6 @@ pub fn mint_hs256(secret: &str, claims: &Claims) -> Result<String, AuthError> {
         &EncodingKey::from_secret(secret.as_bytes()),
     )
     .map_err(|e| AuthError::BadKey(e.to_string()))
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

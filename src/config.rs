@@ -4,6 +4,11 @@
 //! Invariants: a `Config` that `load` returns is complete and valid — every
 //! duration and size parsed, every listen address resolvable — so nothing
 //! downstream re-validates; every error names the key that is wrong.
+//!
+//! Layering: config is the bottom of the crate (it imports only `channel`).
+//! What a `[[sources]]` entry means — kinds, secrets, routing templates — is
+//! checked by `ingest::Sources::from_config`, the code that runs it, which
+//! `serve` (and `pushgate serve`, before binding) call with this config.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -413,9 +418,6 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
-        // Sources (kinds, secrets, routing templates) are checked by the
-        // code that runs them, so the two cannot drift apart.
-        crate::ingest::Sources::from_config(&self.sources)?;
         if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
             return Err(ConfigError::invalid(
                 "server.tls_cert",
@@ -493,7 +495,7 @@ impl Config {
         }
         self.server.trusted_proxies()?;
         for (i, p) in self.auth.public_channels.iter().enumerate() {
-            if !crate::auth::Pattern::is_valid(p) {
+            if !crate::channel::Pattern::is_valid(p) {
                 return Err(ConfigError::invalid(
                     format!("auth.public_channels[{i}]"),
                     format!("`{p}` is not a channel name, optionally ending in `*`"),
@@ -550,12 +552,18 @@ impl Config {
     }
 }
 
+/// `https://App.example.com/` → `https://app.example.com`, the form a
+/// browser's `Origin` header has.
+pub fn normalize_origin(origin: &str) -> String {
+    origin.trim().trim_end_matches('/').to_ascii_lowercase()
+}
+
 /// `*`, or an origin as browsers send it: `scheme://host[:port]`, no path.
 fn check_origin(origin: &str) -> Result<(), String> {
     if origin == "*" {
         return Ok(());
     }
-    let normalized = crate::auth::normalize_origin(origin);
+    let normalized = normalize_origin(origin);
     let url = url::Url::parse(&normalized)
         .map_err(|e| format!("`{origin}` is not an origin like https://app.example.com ({e})"))?;
     let rebuilt = url.origin().ascii_serialization();

@@ -8,16 +8,23 @@
 
 pub mod api;
 pub mod auth;
+pub mod channel;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod deliver;
+pub mod error;
 pub mod hub;
 pub mod ingest;
 pub mod limits;
+pub mod message;
 pub mod metrics;
 pub mod server;
+pub mod state;
 pub mod store;
 pub mod transport;
+
+pub use state::AppState;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -31,21 +38,7 @@ use crate::deliver::Deliverer;
 use crate::hub::Hub;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
-use crate::store::{Retention, Store};
-
-/// Everything a handler may touch, passed explicitly; no globals.
-pub struct AppState {
-    pub config: Arc<Config>,
-    pub store: Arc<dyn Store>,
-    pub hub: Arc<Hub>,
-    pub auth: Auth,
-    pub limits: Limits,
-    pub metrics: Metrics,
-    /// Outbound webhooks: the endpoints API wakes it and uses its SSRF policy.
-    pub deliver: Arc<Deliverer>,
-    /// Inbound webhook sources by name, built from `config.sources`.
-    pub sources: ingest::Sources,
-}
+use crate::store::Retention;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -133,19 +126,18 @@ pub async fn serve(
 
     let router = api::router(app.clone());
     let tls = server::tls_acceptor(&config.server)?;
-    let result = server::run(
+    let result = server::run(server::Run {
         listener,
-        app.clone(),
+        app: app.clone(),
         router,
         tls,
-        &config.server,
         shutdown,
-        {
+        on_shutdown: {
             let hub = hub.clone();
             move || hub.close_all()
         },
-        DRAIN_TIMEOUT,
-    )
+        drain: DRAIN_TIMEOUT,
+    })
     .await;
 
     // Webhook attempts in flight get a moment to finish and be recorded.

@@ -11,7 +11,12 @@
 //!   webhook with a valid signature is never refused for rate, even when the
 //!   same address also sends bad ones (a provider's shared egress addresses,
 //!   or an attacker pointing another account at us, must not lock the
-//!   genuine deliveries out). Webhooks are not subject to `publish_per_key`.
+//!   genuine deliveries out). Webhooks are not subject to `publish_per_key`;
+//!   deliveries to an unsigned (`kind = "none"`) source, which nobody can
+//!   verify, each count against `invalid_per_client` (`check_unverified`).
+//!
+//! Refusals are a typed `LimitError`; `error.rs` decides how they read on
+//! the wire (429 with `Retry-After`, or 400 for a batch no wait could fix).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
@@ -22,9 +27,37 @@ use std::time::Duration;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
-use crate::api::error::ApiError;
 use crate::auth::Publisher;
 use crate::config::LimitsConfig;
+
+/// Why a limit refused a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    /// Over a per-second budget; waiting `retry_after` seconds helps.
+    #[error("too many requests; slow down")]
+    RateLimited { retry_after: u64 },
+    /// A publish batch larger than the whole per-second budget: no wait helps.
+    #[error(
+        "this batch has {events} events, more than the {per_second} events/s one publisher may send (limits.publish_per_key); split it"
+    )]
+    BatchTooLarge { events: usize, per_second: u32 },
+    /// The client already holds `limits.streams_per_client` streams.
+    #[error(
+        "this address already has {open} open streams (limits.streams_per_client); close one first"
+    )]
+    TooManyStreams { open: u32, retry_after: u64 },
+}
+
+impl LimitError {
+    /// Seconds the client should wait, when waiting helps.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            LimitError::RateLimited { retry_after }
+            | LimitError::TooManyStreams { retry_after, .. } => Some(*retry_after),
+            LimitError::BatchTooLarge { .. } => None,
+        }
+    }
+}
 
 /// Seconds a client at its stream cap is told to wait.
 const STREAM_RETRY_AFTER_SECS: u64 = 5;
@@ -70,62 +103,55 @@ impl Limits {
 
     /// Counts `events` against the publisher's per-second budget
     /// (`limits.publish_per_key`, per publish key or token subject).
-    pub fn check_publish(&self, who: &Publisher, events: usize) -> Result<(), ApiError> {
+    pub fn check_publish(&self, who: &Publisher, events: usize) -> Result<(), LimitError> {
         let Some(l) = &self.publish else {
             return Ok(());
         };
         let n = NonZeroU32::new(events.min(u32::MAX as usize) as u32).unwrap_or(NonZeroU32::MIN);
         match l.check_key_n(who, n) {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => Err(ApiError::too_many_requests(
-                "rate_limited",
-                retry_after(not_until.wait_time_from(DefaultClock::default().now())),
-            )),
+            Ok(Err(not_until)) => Err(LimitError::RateLimited {
+                retry_after: retry_after(not_until.wait_time_from(DefaultClock::default().now())),
+            }),
             // Waiting would never help: say so instead of inviting retries.
-            Err(_) => Err(ApiError::bad_request(
-                "batch_too_large",
-                format!(
-                    "this batch has {events} events, more than the {} events/s one publisher may send (limits.publish_per_key); split it",
-                    self.publish_per_second
-                ),
-            )),
+            Err(_) => Err(LimitError::BatchTooLarge {
+                events,
+                per_second: self.publish_per_second,
+            }),
         }
     }
 
     /// Counts a failed signature, key or token check from `client`. Past
     /// the budget the caller answers 429 instead of the check's own error;
     /// requests that pass their checks are never counted.
-    pub fn record_invalid(&self, client: IpAddr) -> Result<(), ApiError> {
+    pub fn record_invalid(&self, client: IpAddr) -> Result<(), LimitError> {
         let Some(l) = &self.invalid else {
             return Ok(());
         };
-        l.check_key(&client_key(client)).map_err(|not_until| {
-            ApiError::too_many_requests(
-                "rate_limited",
-                retry_after(not_until.wait_time_from(DefaultClock::default().now())),
-            )
-        })
+        l.check_key(&client_key(client))
+            .map_err(|not_until| LimitError::RateLimited {
+                retry_after: retry_after(not_until.wait_time_from(DefaultClock::default().now())),
+            })
     }
 
     /// For requests nobody can verify (a webhook source of kind `none`):
     /// each one counts against the client's `invalid_per_client` budget,
     /// before it is accepted.
-    pub fn check_unverified(&self, client: IpAddr) -> Result<(), ApiError> {
+    pub fn check_unverified(&self, client: IpAddr) -> Result<(), LimitError> {
         self.record_invalid(client)
     }
 
     /// Takes one stream slot (SSE, WebSocket, long-poll) for `client`; the
     /// guard gives it back. Past `limits.streams_per_client`: 429.
-    pub fn open_stream(&self, client: IpAddr) -> Result<StreamSlot, ApiError> {
+    pub fn open_stream(&self, client: IpAddr) -> Result<StreamSlot, LimitError> {
         let client = client_key(client);
         let mut open = self.open_streams.lock().expect("streams lock");
         let n = open.entry(client).or_insert(0);
         if self.streams_per_client > 0 && *n >= self.streams_per_client {
-            let mut e = ApiError::too_many_requests("too_many_streams", STREAM_RETRY_AFTER_SECS);
-            e.message = format!(
-                "this address already has {n} open streams (limits.streams_per_client); close one first"
-            );
-            return Err(e);
+            return Err(LimitError::TooManyStreams {
+                open: *n,
+                retry_after: STREAM_RETRY_AFTER_SECS,
+            });
         }
         *n += 1;
         Ok(StreamSlot {
@@ -199,8 +225,13 @@ mod tests {
         let s1 = l.open_stream(ip).unwrap();
         let _s2 = l.open_stream(ip).unwrap();
         let e = l.open_stream(ip).err().unwrap();
-        assert_eq!(e.status, 429);
-        assert!(e.retry_after.is_some());
+        assert_eq!(
+            e,
+            LimitError::TooManyStreams {
+                open: 2,
+                retry_after: STREAM_RETRY_AFTER_SECS
+            }
+        );
         assert!(l.open_stream("10.0.0.2".parse().unwrap()).is_ok());
         drop(s1);
         assert_eq!(l.open_streams_of(ip), 1);
@@ -211,10 +242,14 @@ mod tests {
     fn a_batch_over_the_whole_budget_is_not_a_429() {
         let l = limits(5, 0, 0);
         let e = l.check_publish(&Publisher::Key(0), 6).unwrap_err();
-        assert_eq!(e.status, 400);
+        assert!(
+            matches!(e, LimitError::BatchTooLarge { events: 6, .. }),
+            "{e:?}"
+        );
+        assert_eq!(e.retry_after(), None, "no wait helps");
         assert!(l.check_publish(&Publisher::Key(0), 5).is_ok());
         let e = l.check_publish(&Publisher::Key(0), 1).unwrap_err();
-        assert_eq!(e.status, 429);
+        assert!(matches!(e, LimitError::RateLimited { .. }), "{e:?}");
         assert!(l.check_publish(&Publisher::Key(1), 1).is_ok(), "per key");
     }
 

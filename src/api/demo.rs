@@ -20,8 +20,8 @@ use rand::Rng;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-use super::error::ApiError;
 use crate::AppState;
+use crate::error::ApiError;
 
 const PAGE: &str = include_str!("demo.html");
 const CLIENT_JS: &str = include_str!("../../clients/js/pushgate.js");
@@ -104,7 +104,7 @@ pub async fn pay(
             "there is no `demo` Stripe source to sign for (`pushgate serve` adds one in development mode)",
         )
     })?;
-    let now = crate::auth::unix_now();
+    let now = crate::clock::unix_now();
     let amount = 2000 + rand::rng().random_range(0..8) * 500;
     let body = serde_json::to_vec(&payment_event(amount, now)).expect("JSON");
     let mut req = Request::post(format!("/webhooks/{}", crate::ingest::DEMO_SOURCE))

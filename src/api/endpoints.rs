@@ -19,21 +19,23 @@ use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::error::ApiError;
 use super::{Admin, RawBody};
 use crate::AppState;
+use crate::channel::Pattern;
+use crate::clock::{now_ms, rfc3339};
 use crate::config::Dur;
-use crate::deliver::{rfc3339, sign};
+use crate::deliver::sign;
+use crate::error::ApiError;
+use crate::message::{MAX_TYPE_LEN, valid_type};
 use crate::store::{
     AttemptStatus, AttemptView, Endpoint, EndpointPatch, NewEndpoint, Resume, SecretRotation,
-    now_ms, parse_cursor, valid_channel,
+    parse_cursor,
 };
 use crate::transport::{query_pairs, query_value};
 
 const MAX_ENDPOINTS: usize = 10_000;
 const MAX_URL_LEN: usize = 2048;
 const MAX_PATTERNS: usize = 100;
-const MAX_TYPE_LEN: usize = 200;
 const MAX_DESCRIPTION: usize = 1000;
 const MAX_RATE_LIMIT: u32 = 100_000;
 const DEFAULT_ATTEMPTS: usize = 100;
@@ -128,8 +130,7 @@ fn check_channels(channels: &[String]) -> Result<(), ApiError> {
         ));
     }
     for c in channels {
-        let prefix = c.strip_suffix('*').unwrap_or(c);
-        if c != "*" && !valid_channel(prefix) {
+        if !Pattern::is_valid(c) {
             return Err(ApiError::invalid_channel(c));
         }
     }
@@ -144,7 +145,7 @@ fn check_types(types: &[String]) -> Result<(), ApiError> {
         ));
     }
     for t in types {
-        if t.is_empty() || t.len() > MAX_TYPE_LEN || t.chars().any(char::is_control) {
+        if !valid_type(t) {
             return Err(ApiError::bad_request(
                 "invalid_type",
                 format!(
@@ -444,17 +445,7 @@ pub async fn attempts(
 ) -> Result<Json<Value>, ApiError> {
     let id = endpoint_id(path)?;
     let pairs = query_pairs(raw.as_deref());
-    let limit = match query_value(&pairs, "limit") {
-        None | Some("") => DEFAULT_ATTEMPTS,
-        Some(v) => v
-            .parse::<usize>()
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| {
-                ApiError::bad_request("invalid_limit", "limit must be a positive integer")
-            })?
-            .min(MAX_ATTEMPTS),
-    };
+    let limit = super::parse_limit(query_value(&pairs, "limit"), DEFAULT_ATTEMPTS, MAX_ATTEMPTS)?;
     let status = match query_value(&pairs, "status") {
         None | Some("") => None,
         Some("pending") => Some(AttemptStatus::Pending),
@@ -529,7 +520,7 @@ pub async fn replay(
         v["reset"] = json!(reason);
     }
     if let Some(next) = next {
-        v["next"] = json!(crate::transport::cursor(&app, next));
+        v["next"] = json!(app.cursor(next));
     }
     Ok((StatusCode::ACCEPTED, Json(v)).into_response())
 }

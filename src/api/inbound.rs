@@ -14,11 +14,12 @@ use base64::Engine;
 use http::HeaderMap;
 use serde_json::{Value, json};
 
-use super::error::ApiError;
 use crate::AppState;
 use crate::auth::Credentials;
+use crate::clock::rfc3339;
+use crate::error::ApiError;
 use crate::store::{InboundFilter, InboundRecord, InboundStatus};
-use crate::transport::{cursor, query_pairs, query_value};
+use crate::transport::{query_pairs, query_value};
 
 const DEFAULT_LIMIT: usize = 50;
 const MAX_LIMIT: usize = 500;
@@ -39,17 +40,7 @@ pub async fn list(
             })
         })
         .transpose()?;
-    let limit = match nonempty("limit") {
-        None => DEFAULT_LIMIT,
-        Some(v) => v
-            .parse::<usize>()
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| {
-                ApiError::bad_request("invalid_limit", "limit must be a positive integer")
-            })?
-            .min(MAX_LIMIT),
-    };
+    let limit = super::parse_limit(nonempty("limit"), DEFAULT_LIMIT, MAX_LIMIT)?;
     let before = nonempty("before")
         .map(|v| {
             v.parse::<i64>()
@@ -112,11 +103,8 @@ pub async fn get(
 }
 
 fn summary(app: &AppState, r: &InboundRecord) -> Value {
-    let time = humantime::format_rfc3339_millis(
-        std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.time_ms.max(0) as u64),
-    )
-    .to_string();
-    let event_ids: Vec<String> = r.seqs.iter().map(|s| cursor(app, *s)).collect();
+    let time = rfc3339(r.time_ms);
+    let event_ids: Vec<String> = r.seqs.iter().map(|s| app.cursor(*s)).collect();
     json!({
         "id": r.id.to_string(),
         "time": time,

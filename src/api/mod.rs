@@ -12,6 +12,7 @@ pub mod endpoints;
 pub mod error;
 pub mod inbound;
 pub mod publish;
+pub mod webhooks;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -30,13 +31,13 @@ use tower_http::trace::TraceLayer;
 
 use crate::AppState;
 use crate::auth::Credentials;
+use crate::error::ApiError;
 use crate::transport::{poll, sse, ws};
-use error::ApiError;
 
 pub fn router(app: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/publish", post(publish::publish))
-        .route("/webhooks/{source}", post(crate::ingest::receive))
+        .route("/webhooks/{source}", post(webhooks::receive))
         .route("/v1/inbound", get(inbound::list))
         .route("/v1/inbound/{id}", get(inbound::get))
         .route("/v1/stream", get(sse::stream))
@@ -139,6 +140,53 @@ pub fn client_ip(parts_extensions: &http::Extensions) -> Option<IpAddr> {
         .map(|c| c.0.ip())
 }
 
+/// Why a request body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// Declared or streamed past the limit (answered as soon as it is crossed).
+    #[error("the body is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    /// The connection failed or the framing was broken mid-body.
+    #[error("could not read the body: {0}")]
+    Unreadable(String),
+}
+
+/// Reads `req`'s body, up to `limit` bytes: a declared `Content-Length`
+/// over the limit is refused before anything is read, a streamed body as
+/// soon as it crosses it.
+pub async fn read_body(req: Request, limit: usize) -> Result<Bytes, BodyError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(BodyError::TooLarge { limit });
+    }
+    axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|e| {
+            if is_length_limit(&e) {
+                BodyError::TooLarge { limit }
+            } else {
+                BodyError::Unreadable(e.to_string())
+            }
+        })
+}
+
+/// Whether the limit (`http_body_util::LengthLimitError`) is anywhere in
+/// `e`'s chain of causes: a type check, not a message match.
+fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
 /// The request body, read up to `server.max_body`; larger bodies get 413
 /// as soon as the limit is crossed.
 pub struct RawBody(pub Bytes);
@@ -147,31 +195,23 @@ impl FromRequest<Arc<AppState>> for RawBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, app: &Arc<AppState>) -> Result<Self, ApiError> {
-        let limit = app.config.server.max_body.0;
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit as u64) {
-            return Err(ApiError::payload_too_large(limit));
-        }
-        match axum::body::to_bytes(req.into_body(), limit).await {
-            Ok(b) => Ok(RawBody(b)),
-            Err(e) => {
-                let too_large = std::error::Error::source(&e)
-                    .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-                    || e.to_string().contains("length limit");
-                if too_large {
-                    Err(ApiError::payload_too_large(limit))
-                } else {
-                    Err(ApiError::bad_request(
-                        "invalid_body",
-                        format!("could not read the body: {e}"),
-                    ))
-                }
-            }
-        }
+        Ok(RawBody(read_body(req, app.config.server.max_body.0).await?))
+    }
+}
+
+/// A `limit=` query value: absent or empty is `default`, otherwise a
+/// positive integer, capped at `max`. One parser for every listing.
+pub fn parse_limit(value: Option<&str>, default: usize, max: usize) -> Result<usize, ApiError> {
+    match value {
+        None | Some("") => Ok(default),
+        Some(v) => Ok(v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                ApiError::bad_request("invalid_limit", "limit must be a positive integer")
+            })?
+            .min(max)),
     }
 }
 
@@ -193,7 +233,7 @@ async fn limit_failed_checks(
     ) && let Some(ip) = client
         && let Err(limited) = app.limits.record_invalid(ip)
     {
-        return limited.into_response();
+        return ApiError::from(limited).into_response();
     }
     resp
 }

@@ -15,10 +15,10 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use super::RawBody;
-use super::error::ApiError;
 use crate::AppState;
 use crate::auth::Credentials;
-use crate::store::{NewMessage, valid_channel};
+use crate::error::ApiError;
+pub use crate::message::to_message;
 
 /// One event at the top level, or `{"events":[…]}`. (No `#[serde(flatten)]`:
 /// it would buffer `data` and lose the raw bytes.)
@@ -39,49 +39,6 @@ struct PublishEvent {
     kind: Option<String>,
     data: Option<Box<RawValue>>,
     id: Option<String>,
-}
-
-const MAX_TYPE_LEN: usize = 200;
-const MAX_ID_LEN: usize = 200;
-
-/// Checks one event and makes it a message. `source` is `publish` or `ws`.
-pub fn to_message(
-    channel: Option<String>,
-    kind: Option<String>,
-    data: Option<Box<RawValue>>,
-    id: Option<String>,
-    source: &str,
-) -> Result<NewMessage, ApiError> {
-    let channel =
-        channel.ok_or_else(|| ApiError::bad_request("invalid_channel", "`channel` is required"))?;
-    if !valid_channel(&channel) {
-        return Err(ApiError::invalid_channel(&channel));
-    }
-    let kind = kind.unwrap_or_else(|| "message".to_string());
-    if kind.is_empty() || kind.len() > MAX_TYPE_LEN || kind.chars().any(char::is_control) {
-        return Err(ApiError::bad_request(
-            "invalid_type",
-            format!("`type` must be 1-{MAX_TYPE_LEN} bytes without control characters"),
-        ));
-    }
-    if let Some(id) = &id
-        && (id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control))
-    {
-        return Err(ApiError::bad_request(
-            "invalid_id",
-            format!(
-                "`id` (the idempotency key) must be 1-{MAX_ID_LEN} bytes without control characters"
-            ),
-        ));
-    }
-    let data = data.unwrap_or_else(|| RawValue::from_string("null".into()).expect("null is JSON"));
-    Ok(NewMessage {
-        channels: vec![channel],
-        kind,
-        source: source.to_string(),
-        source_id: id,
-        data,
-    })
 }
 
 pub async fn publish(
@@ -145,10 +102,7 @@ pub async fn publish(
         .sum();
     app.metrics.events_appended.increment(stored);
 
-    let ids: Vec<String> = appended
-        .iter()
-        .map(|a| crate::transport::cursor(&app, a.seqs[0]))
-        .collect();
+    let ids: Vec<String> = appended.iter().map(|a| app.cursor(a.seqs[0])).collect();
     let duplicate: Vec<bool> = appended.iter().map(|a| a.duplicate).collect();
     Ok(Json(json!({"ids": ids, "duplicate": duplicate})))
 }

@@ -198,7 +198,7 @@ async fn forward_event(f: &Forwarder, ev: &SseEvent, json_lines: bool) {
         .and_then(|v| v["type"].as_str().map(str::to_string))
         .unwrap_or_default();
     let msg_id = format!("msg_{id}");
-    let ts = crate::store::now_ms() / 1000;
+    let ts = crate::clock::now_ms() / 1000;
     let body = ev.data.clone().into_bytes();
     let mut req = f
         .client

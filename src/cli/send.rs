@@ -250,7 +250,7 @@ pub fn apply_override(body: &mut Value, assignment: &str) -> anyhow::Result<()> 
 }
 
 fn unix_now() -> i64 {
-    crate::auth::unix_now() as i64
+    crate::clock::unix_now() as i64
 }
 
 fn random_id(n: usize) -> String {
@@ -276,11 +276,9 @@ fn uuid_like() -> String {
     )
 }
 
+/// Provider timestamps in the samples, in the one shape pushgate writes.
 fn rfc3339(unix: i64) -> String {
-    humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64),
-    )
-    .to_string()
+    crate::clock::rfc3339(unix.saturating_mul(1000))
 }
 
 /// A Stripe event as Stripe sends it (API version 2024-06-20 shapes).

@@ -28,6 +28,12 @@ pub async fn run(args: ServeArgs) -> i32 {
         }
     };
     config.insecure = args.insecure;
+    // Sources are checked by the code that runs them (config sits below
+    // ingest); checked here too so a bad one stops start-up before binding.
+    if let Err(e) = crate::ingest::Sources::from_config(&config.sources) {
+        eprintln!("pushgate: configuration error: {e}");
+        return 2;
+    }
     // Added here rather than inside `serve` so the banner can print its secret.
     let demo_secret = crate::ingest::add_demo_source(&mut config);
     let addr = match config.listen_addr() {

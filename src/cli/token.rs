@@ -9,7 +9,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::auth::{ChannelGrants, Claims, Pattern, mint_hs256, unix_now};
+use crate::auth::{ChannelGrants, Claims, mint_hs256};
+use crate::channel::Pattern;
+use crate::clock::unix_now;
 use crate::config::{Config, Dur};
 
 #[derive(Args, Debug)]

@@ -1,22 +1,25 @@
-//! Inbound webhooks: `POST /webhooks/{source}` (contract section 2.1).
+//! Inbound webhooks, the domain half of `POST /webhooks/{source}` (contract
+//! section 2.1; the HTTP handler is `api::webhooks`).
 //!
 //! Owns the source registry (built from `config.sources` at start-up), the
 //! `Verifier` trait (one implementation per provider kind, one file each),
-//! and the handler that runs a delivery through verify → parse → dedupe →
-//! route → append. Invariants:
+//! and `Source::accept`, which takes a delivery's headers and raw bytes
+//! through verify → parse → identify → route and returns the message and
+//! its inspector record, or a typed `Rejection`. It knows nothing of HTTP
+//! handlers, `AppState` or `ApiError`. Invariants:
 //! - the signature is checked over the raw body bytes before any parsing,
 //!   with constant-time comparisons, against every configured secret;
 //! - the payload is stored as the JSON text that arrived (for GitHub's
 //!   form-encoded deliveries, the decoded `payload` field), never
 //!   re-serialized;
-//! - the reply is sent only after the message is durable; a repeat of a
-//!   stored `(source, provider id)` answers with the first cursor and stores
-//!   and pushes nothing — the database's unique key decides, so two copies
-//!   arriving at once are safe;
-//! - every delivery is recorded for the inspector: accepted ones in the same
-//!   transaction as their events, refused ones in a table capped by count;
-//! - a valid signature is never rate-limited: only refusals answered 401
-//!   count toward `limits.invalid_per_client` (see `api::limit_failed_checks`).
+//! - the dedupe key is bounded (`bound_id`) and the type cleaned
+//!   (`clean_type`, `message::MAX_TYPE_LEN`), so a payload cannot make a
+//!   huge key or a type with control characters;
+//! - recorded headers never hold credentials (`header_pairs` redacts them).
+//!
+//! What the handler adds (durability before the reply, the dedupe decided
+//! by the database's unique key, refusals recorded, the unsigned-source
+//! throttle) is documented in `api::webhooks`.
 
 pub mod github;
 pub mod hmac;
@@ -30,20 +33,15 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::Json;
-use axum::extract::{FromRequest, Path, Request, State};
-use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode};
+use http::HeaderMap;
+use serde_json::Value;
 use serde_json::value::RawValue;
-use serde_json::{Value, json};
 use sha2::Digest;
 use subtle::ConstantTimeEq;
 
-use crate::AppState;
-use crate::api::RawBody;
-use crate::api::error::ApiError;
 use crate::config::{Config, ConfigError, SourceConfig};
+use crate::message::{MAX_ID_LEN, MAX_TYPE_LEN};
 use crate::store::{NewInbound, NewMessage};
 use route::{Field, Routes};
 
@@ -79,20 +77,6 @@ pub enum Rejection {
     /// 400: signed, but not JSON.
     #[error("{0}")]
     InvalidJson(String),
-}
-
-impl From<Rejection> for ApiError {
-    fn from(r: Rejection) -> ApiError {
-        match r {
-            Rejection::InvalidSignature(m) => {
-                ApiError::new(StatusCode::UNAUTHORIZED, "invalid_signature", m)
-            }
-            Rejection::TimestampOutOfTolerance(m) => {
-                ApiError::bad_request("timestamp_out_of_tolerance", m)
-            }
-            Rejection::InvalidJson(m) => ApiError::bad_request("invalid_json", m),
-        }
-    }
 }
 
 /// What a verified delivery says about itself.
@@ -445,149 +429,91 @@ fn random_alphanumeric(n: usize) -> String {
         .collect()
 }
 
-// ─── the handler ───────────────────────────────────────────────────────────
+// ─── accepting a delivery ──────────────────────────────────────────────────
 
-/// Event types longer than this are cut (they come from payloads).
-const MAX_TYPE_LEN: usize = 200;
-/// Provider ids longer than this are replaced by their SHA-256, so a huge
-/// header cannot make a huge dedupe key; equal ids still collide.
-const MAX_ID_LEN: usize = 200;
 /// Headers whose values are credentials: recorded as `[redacted]`.
 const REDACTED_HEADERS: &[&str] = &["authorization", "proxy-authorization", "cookie"];
 
-/// `POST /webhooks/{source}`.
-pub async fn receive(
-    State(app): State<Arc<AppState>>,
-    name: Result<Path<String>, axum::extract::rejection::PathRejection>,
-    req: Request,
-) -> Response {
-    // A name that does not even decode (`%FF`) names no source either.
-    let name = name.map(|Path(n)| n).unwrap_or_default();
-    match receive_inner(&app, &name, req).await {
-        Ok(resp) => resp,
-        Err(e) => e.into_response(),
-    }
+/// A verified delivery, ready to append: its message and the inspector's
+/// record of it (stored in the same transaction).
+pub struct Accepted {
+    pub message: NewMessage,
+    pub inbound: NewInbound,
 }
 
-async fn receive_inner(
-    app: &Arc<AppState>,
-    name: &str,
-    req: Request,
-) -> Result<Response, ApiError> {
-    let headers = req.headers().clone();
-    let Some(source) = app.sources.get(name).cloned() else {
-        let shown: String = name.chars().filter(|c| !c.is_control()).take(64).collect();
-        let err = ApiError::not_found(
-            "unknown_source",
-            format!("no source named `{shown}` is configured (see `[[sources]]`)"),
-        );
-        reject(app, &shown, &headers, Bytes::new(), 0, &err).await;
-        return Err(err);
-    };
-    let body = match RawBody::from_request(req, app).await {
-        Ok(RawBody(b)) => b,
-        Err(err) => {
-            if err.code == "payload_too_large" {
-                let declared = headers
-                    .get(http::header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                reject(app, &source.name, &headers, Bytes::new(), declared, &err).await;
-            }
-            return Err(err);
-        }
-    };
-    let delivery = Delivery {
-        headers: &headers,
-        body: &body,
-        now: crate::auth::unix_now() as i64,
-    };
-    let parsed = source.verifier.verify(&delivery).and_then(|()| {
-        let text = source.verifier.payload(&delivery)?;
+impl Source {
+    /// Whether anyone at all may post to this source (`kind = "none"`):
+    /// such deliveries are throttled per client like failed checks.
+    pub fn is_unsigned(&self) -> bool {
+        self.kind == "none"
+    }
+
+    /// Runs one delivery through verify → parse → identify → route. `now`
+    /// is Unix seconds. The signature is checked over `body` before it is
+    /// parsed; the payload is kept as the JSON text that arrived.
+    pub fn accept(
+        &self,
+        headers: &HeaderMap,
+        body: Bytes,
+        now: i64,
+    ) -> Result<Accepted, Rejection> {
+        let delivery = Delivery {
+            headers,
+            body: &body,
+            now,
+        };
+        self.verifier.verify(&delivery)?;
+        let text = self.verifier.payload(&delivery)?;
         let value: Value = serde_json::from_str(&text)
             .map_err(|e| Rejection::InvalidJson(format!("the payload is not valid JSON: {e}")))?;
         let raw = RawValue::from_string(text.into_owned())
             .map_err(|e| Rejection::InvalidJson(format!("the payload is not valid JSON: {e}")))?;
-        Ok((value, raw))
-    });
-    let (value, raw) = match parsed {
-        Ok(p) => p,
-        Err(rejection) => {
-            let err = ApiError::from(rejection);
-            let size = body.len() as u64;
-            reject(app, &source.name, &headers, body, size, &err).await;
-            return Err(err);
-        }
-    };
-
-    let identity = source.verifier.identify(&delivery, &value);
-    let kind = identity
-        .kind
-        .map(clean_type)
-        .filter(|k| !k.is_empty())
-        .unwrap_or_else(|| "webhook".to_string());
-    let source_id = identity.source_id.map(bound_id);
-    let channels = source.routes.route(&kind, &value, &headers);
-    drop(value);
-    let message = NewMessage {
-        channels,
-        kind,
-        source: source.name.clone(),
-        source_id,
-        data: raw,
-    };
-    let inbound = NewInbound {
-        source: source.name.clone(),
-        headers: header_pairs(&headers),
-        body_size: body.len() as u64,
-        body,
-        reason: None,
-        detail: None,
-    };
-    let started = std::time::Instant::now();
-    let (appended, _record) = app.store.append_webhook(message, inbound).await?;
-    app.metrics
-        .append_seconds
-        .record(started.elapsed().as_secs_f64());
-    if appended.duplicate {
-        app.metrics.webhooks_duplicate.increment(1);
-    } else {
-        app.metrics.webhooks_accepted.increment(1);
-        app.metrics
-            .events_appended
-            .increment(appended.seqs.len() as u64);
+        let identity = self.verifier.identify(&delivery, &value);
+        let kind = identity
+            .kind
+            .map(clean_type)
+            .filter(|k| !k.is_empty())
+            .unwrap_or_else(|| "webhook".to_string());
+        let source_id = identity.source_id.map(bound_id);
+        let channels = self.routes.route(&kind, &value, headers);
+        drop(value);
+        let message = NewMessage {
+            channels,
+            kind,
+            source: self.name.clone(),
+            source_id,
+            data: raw,
+        };
+        let inbound = NewInbound {
+            source: self.name.clone(),
+            headers: header_pairs(headers),
+            body_size: body.len() as u64,
+            body,
+            reason: None,
+            detail: None,
+        };
+        Ok(Accepted { message, inbound })
     }
-    let first = appended.seqs.first().copied().unwrap_or_default();
-    Ok(Json(json!({
-        "id": crate::transport::cursor(app, first),
-        "duplicate": appended.duplicate,
-    }))
-    .into_response())
 }
 
-/// Records a refusal for the inspector. A store failure here is logged, not
-/// returned: the sender gets the refusal it earned either way.
-async fn reject(
-    app: &AppState,
+/// The inspector's record of a refused delivery: `reason` is the error
+/// code the sender got, `detail` its message. `body_size` is what arrived
+/// (or was declared) even when `body` is not kept.
+pub fn refused_record(
     source: &str,
     headers: &HeaderMap,
     body: Bytes,
     body_size: u64,
-    err: &ApiError,
-) {
-    app.metrics.webhooks_rejected.increment(1);
-    tracing::debug!(source, code = err.code, "webhook refused");
-    let record = NewInbound {
+    reason: &str,
+    detail: &str,
+) -> NewInbound {
+    NewInbound {
         source: source.to_string(),
         headers: header_pairs(headers),
         body,
         body_size,
-        reason: Some(err.code.to_string()),
-        detail: Some(err.message.clone()),
-    };
-    if let Err(e) = app.store.record_rejected(record).await {
-        tracing::warn!(error = %e, "could not record a refused webhook");
+        reason: Some(reason.to_string()),
+        detail: Some(detail.to_string()),
     }
 }
 

@@ -13,8 +13,8 @@
 use http::{HeaderMap, HeaderName};
 use serde_json::Value;
 
+use crate::channel::valid_channel;
 use crate::config::{ConfigError, SourceConfig};
-use crate::store::valid_channel;
 
 /// Where a template field is read from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -104,17 +104,37 @@ pub fn client_addr(peer: SocketAddr, trusted: &[IpNet], headers: &http::HeaderMa
     SocketAddr::new(client, 0)
 }
 
-#[allow(clippy::too_many_arguments)]
-pub async fn run(
-    listener: TcpListener,
-    app: Arc<AppState>,
-    router: Router,
-    tls: Option<TlsAcceptor>,
-    cfg: &ServerConfig,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    on_shutdown: impl FnOnce(),
-    drain: Duration,
-) -> std::io::Result<()> {
+/// What `run` serves, and how it stops.
+pub struct Run<S, F> {
+    pub listener: TcpListener,
+    /// Its `config.server` is the listener's configuration.
+    pub app: Arc<AppState>,
+    pub router: Router,
+    pub tls: Option<TlsAcceptor>,
+    /// Resolves when the server should stop accepting.
+    pub shutdown: S,
+    /// Called once the listener is closed, to end long-lived streams.
+    pub on_shutdown: F,
+    /// How long open requests get to finish after that.
+    pub drain: Duration,
+}
+
+pub async fn run<S, F>(run: Run<S, F>) -> std::io::Result<()>
+where
+    S: Future<Output = ()> + Send + 'static,
+    F: FnOnce(),
+{
+    let Run {
+        listener,
+        app,
+        router,
+        tls,
+        shutdown,
+        on_shutdown,
+        drain,
+    } = run;
+    let config = app.config.clone();
+    let cfg: &ServerConfig = &config.server;
     // Validated by `Config::load`.
     let trusted: Arc<[IpNet]> = cfg.trusted_proxies().unwrap_or_default().into();
     let builder = builder(cfg);

@@ -139,7 +139,7 @@ pub async fn serve(
             if matches!(e.status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
                 && let Err(limited) = app.limits.record_invalid(client)
             {
-                e = limited;
+                e = limited.into();
             }
             let _ = write_error(&app, &mut stream, origin.as_ref(), e).await;
             return;

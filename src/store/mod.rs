@@ -413,21 +413,8 @@ pub fn parse_cursor(text: &str, tag: &str, bounds: Bounds) -> Resume {
     Resume::After(seq)
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// Channel names: 1–200 bytes of `[A-Za-z0-9_.:@=/-]`.
-pub fn valid_channel(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 200
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.:@=/-".contains(&b))
-}
+pub use crate::channel::valid_channel;
+pub use crate::clock::now_ms;
 
 #[cfg(test)]
 mod tests {
@@ -478,17 +465,5 @@ mod tests {
             "postgres://pushgate@db/log"
         );
         assert_eq!(redacted_url("sqlite://pushgate.db"), "sqlite://pushgate.db");
-    }
-
-    #[test]
-    fn channel_names() {
-        assert!(valid_channel("user:42"));
-        assert!(valid_channel("a.b/c@d=e-f_g"));
-        assert!(valid_channel(&"x".repeat(200)));
-        assert!(!valid_channel(&"x".repeat(201)));
-        assert!(!valid_channel(""));
-        assert!(!valid_channel("user 42"));
-        assert!(!valid_channel("user:42\n"));
-        assert!(!valid_channel("ü"));
     }
 }

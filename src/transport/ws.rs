@@ -695,7 +695,7 @@ impl Connection {
         let reference = op.reference;
         let message = match to_message(op.channel, op.kind, op.data, op.id, "ws") {
             Ok(m) => m,
-            Err(e) => return self.out.push(api_error_frame(e, reference.as_ref())),
+            Err(e) => return self.out.push(api_error_frame(e.into(), reference.as_ref())),
         };
         let publisher = match self
             .app
@@ -708,7 +708,7 @@ impl Connection {
             }
         };
         if let Err(e) = self.app.limits.check_publish(&publisher, 1) {
-            return self.out.push(api_error_frame(e, reference.as_ref()));
+            return self.out.push(api_error_frame(e.into(), reference.as_ref()));
         }
         let app = self.app.clone();
         let publishes = self.publishes.get_or_insert_with(FuturesOrdered::new);

@@ -430,6 +430,56 @@ async fn unsigned_source_and_its_defaults() {
     );
 }
 
+/// Nobody can verify an unsigned (`kind = "none"`) source, so each
+/// delivery counts against the client's `limits.invalid_per_client`
+/// budget: one address is throttled (429, nothing stored), while another
+/// address and signed sources are not (positive controls).
+#[tokio::test]
+async fn an_unsigned_source_is_throttled_per_client() {
+    let s = TestServer::with(|c| {
+        c.limits.invalid_per_client = 3;
+        c.server.trusted_proxies = vec!["127.0.0.1".into()];
+        c.sources.push(source("none"));
+        c.sources.push(source("stripe"));
+    })
+    .await;
+    let from = |ip: &str| {
+        vec![
+            ("content-type".to_string(), "application/json".to_string()),
+            ("x-forwarded-for".to_string(), ip.to_string()),
+        ]
+    };
+    let mut statuses = Vec::new();
+    for i in 0..10 {
+        let body = payload(&format!("evt_u{i}"), Some("flood"));
+        let (st, v) = post(&s, "/webhooks/none", &from("203.0.113.7"), body).await;
+        if st == 429 {
+            assert_eq!(error_code(&v), "rate_limited", "{v}");
+        }
+        statuses.push(st);
+    }
+    let accepted = statuses.iter().filter(|st| **st == 200).count();
+    assert!(
+        statuses.contains(&429) && accepted >= 3,
+        "the unsigned flood is throttled after its budget: {statuses:?}"
+    );
+    assert_eq!(
+        events(&s, "user:flood").await.len(),
+        accepted,
+        "a throttled delivery stores nothing"
+    );
+    // Positive controls: another client of the same source, and a signed
+    // delivery from the throttled client, are accepted.
+    let body = payload("evt_other", Some("other"));
+    let (st, v) = post(&s, "/webhooks/none", &from("203.0.113.8"), body).await;
+    assert_eq!(st, 200, "another client is not throttled: {v}");
+    let body = payload("evt_signed", Some("signed"));
+    let mut h = sign("stripe", NEW, body.as_bytes(), now(), "");
+    h.push(("x-forwarded-for".into(), "203.0.113.7".into()));
+    let (st, v) = post(&s, "/webhooks/stripe", &h, body).await;
+    assert_eq!(st, 200, "a valid signature is never throttled: {v}");
+}
+
 #[tokio::test]
 async fn github_form_encoded_and_action_types() {
     let s = TestServer::with(|c| {
