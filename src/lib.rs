@@ -1,10 +1,16 @@
 //! pushgate: webhooks and a publish API in; one durable, ordered log;
 //! SSE, WebSocket, long-polling and signed outbound webhooks out.
 //!
-//! Data flows through the modules in this order: `config` → `ingest` /
-//! `api::publish` → `store` (the log, the truth) → `hub` (in-memory fan-out)
-//! → `transport` (SSE, polling). `serve` wires them together; `main` and the
-//! integration tests both call it.
+//! Data flows through the modules in this order: `server` → `api` →
+//! `ingest` / `message` → `store` (the log, the truth) → `hub` (in-memory
+//! fan-out and wake-up) → `transport` (SSE, WebSocket, polling: framing) and
+//! `deliver` (outbound webhooks, reading the log itself). `serve` wires them
+//! together; `main` and the integration tests both call it.
+//!
+//! Imports only point down: domain modules (store, hub, ingest, deliver,
+//! auth, limits, config, channel, message, clock) never import `api`,
+//! `server`, `transport`, `state` or `error` (`tests/layers.rs` enforces it;
+//! docs/architecture.md draws the layers).
 
 pub mod api;
 pub mod auth;

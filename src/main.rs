@@ -1,4 +1,6 @@
-//! The `pushgate` binary: logging setup, then the CLI. Nothing else lives here.
+//! The `pushgate` binary: logging setup, then the CLI. Nothing else lives
+//! here; invariant: `anyhow` and process exit codes stop at this edge (and
+//! the CLI), the library returns typed errors.
 
 use clap::Parser;
 

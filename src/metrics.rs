@@ -1,5 +1,10 @@
 //! Prometheus metrics, owned by one server instance (no global recorder, so
 //! several servers can run in one test process).
+//!
+//! Owns the counters, gauges and histograms `/metrics` renders. Invariant:
+//! every series is declared here with fixed labels; nothing a client sends
+//! (a channel, a path, a source name) becomes a label, so the number of
+//! series is bounded.
 
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
 use metrics_exporter_prometheus::{

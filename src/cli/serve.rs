@@ -1,5 +1,10 @@
 //! `pushgate serve`: load configuration, bind, print where to go, run until
 //! SIGTERM or Ctrl-C.
+//!
+//! Invariants: a bad configuration (sources included) or an open
+//! development server on a non-loopback address exits 2 before anything is
+//! bound or printed; the exit code tells configuration errors (2) from
+//! runtime failures (1).
 
 use std::path::PathBuf;
 

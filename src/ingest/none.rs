@@ -2,6 +2,10 @@
 //! behind a trusted network. Refused at load unless the source sets
 //! `allow_unsigned = true`. Dedupe key: `id_header`/`id_field`, by default
 //! the body `id`; type: `type_header`/`type_field`, by default body `type`.
+//!
+//! Invariant: since nothing is verified, every delivery counts against the
+//! client's `limits.invalid_per_client` budget before its body is read
+//! (`api::webhooks`, `Limits::check_unverified`).
 
 use serde_json::Value;
 
