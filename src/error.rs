@@ -175,3 +175,65 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domain_errors_map_to_the_contracts_codes() {
+        let e = ApiError::from(LimitError::RateLimited { retry_after: 3 });
+        assert_eq!(
+            (e.status, e.code, e.retry_after),
+            (StatusCode::TOO_MANY_REQUESTS, "rate_limited", Some(3))
+        );
+        let e = ApiError::from(LimitError::TooManyStreams {
+            open: 4,
+            retry_after: 5,
+        });
+        assert_eq!(
+            (e.status, e.code, e.retry_after),
+            (StatusCode::TOO_MANY_REQUESTS, "too_many_streams", Some(5))
+        );
+        assert!(
+            e.message.contains("already has 4 open streams"),
+            "{}",
+            e.message
+        );
+        let e = ApiError::from(LimitError::BatchTooLarge {
+            events: 9,
+            per_second: 5,
+        });
+        assert_eq!(
+            (e.status, e.code, e.retry_after),
+            (StatusCode::BAD_REQUEST, "batch_too_large", None)
+        );
+        for (m, code) in [
+            (MessageError::MissingChannel, "invalid_channel"),
+            (
+                MessageError::InvalidChannel(InvalidChannel::new("a b")),
+                "invalid_channel",
+            ),
+            (MessageError::InvalidType, "invalid_type"),
+            (MessageError::InvalidId, "invalid_id"),
+        ] {
+            let e = ApiError::from(m);
+            assert_eq!((e.status, e.code), (StatusCode::BAD_REQUEST, code));
+        }
+        let e = ApiError::from(Rejection::InvalidSignature("no".into()));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::UNAUTHORIZED, "invalid_signature")
+        );
+        let e = ApiError::from(BodyError::TooLarge { limit: 10 });
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+        );
+        let e = ApiError::from(BodyError::Unreadable("reset".into()));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::BAD_REQUEST, "invalid_body")
+        );
+    }
+}

@@ -280,3 +280,58 @@ async fn render_metrics(State(app): State<Arc<AppState>>) -> Response {
     );
     resp
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A body without `Content-Length`, arriving in chunks.
+    fn streamed(chunks: usize, size: usize) -> Request {
+        let stream = futures_util::stream::iter(
+            (0..chunks).map(move |_| Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; size]))),
+        );
+        Request::new(axum::body::Body::from_stream(stream))
+    }
+
+    #[tokio::test]
+    async fn an_oversize_streamed_body_is_too_large_by_type() {
+        let e = read_body(streamed(10, 1000), 5000).await.unwrap_err();
+        assert!(matches!(e, BodyError::TooLarge { limit: 5000 }), "{e:?}");
+        // Positive control: the same stream within the limit is read whole.
+        let b = read_body(streamed(5, 1000), 5000).await.unwrap();
+        assert_eq!(b.len(), 5000);
+        // A declared length over the limit is refused before reading.
+        let mut req = streamed(1, 10);
+        req.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("5001"));
+        assert!(matches!(
+            read_body(req, 5000).await,
+            Err(BodyError::TooLarge { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_broken_body_is_unreadable_not_too_large() {
+        let stream = futures_util::stream::iter([
+            Ok(Bytes::from_static(b"{\"a\":")),
+            Err(std::io::Error::other("connection reset")),
+        ]);
+        let req = Request::new(axum::body::Body::from_stream(stream));
+        let e = read_body(req, 5000).await.unwrap_err();
+        assert!(matches!(e, BodyError::Unreadable(_)), "{e:?}");
+    }
+
+    #[test]
+    fn one_limit_parser() {
+        assert_eq!(parse_limit(None, 50, 500).unwrap(), 50);
+        assert_eq!(parse_limit(Some(""), 50, 500).unwrap(), 50);
+        assert_eq!(parse_limit(Some("7"), 50, 500).unwrap(), 7);
+        assert_eq!(parse_limit(Some("9999"), 50, 500).unwrap(), 500);
+        for bad in ["0", "-1", "x", "1.5"] {
+            assert_eq!(
+                parse_limit(Some(bad), 50, 500).unwrap_err().code,
+                "invalid_limit"
+            );
+        }
+    }
+}
