@@ -681,6 +681,40 @@ mod tests {
     }
 
     #[test]
+    fn accept_is_a_domain_call_bytes_and_headers_in() {
+        let mut n = cfg("none");
+        n.secrets.clear();
+        n.allow_unsigned = true;
+        n.channel = Some("user:{user}".into());
+        let sources = Sources::from_config(&[n]).unwrap();
+        let source = sources.get("s").unwrap();
+        assert!(source.is_unsigned());
+        let mut h = HeaderMap::new();
+        h.insert("authorization", "Bearer secret".parse().unwrap());
+        let body =
+            Bytes::from_static(b"{\"id\": \"e1\", \"type\": \"a\\u0007b\", \"user\": \"7\"}\n");
+        let ok = source.accept(&h, body.clone(), 0).unwrap();
+        assert_eq!(ok.message.channels, ["user:7"]);
+        assert_eq!(ok.message.kind, "ab", "control characters dropped");
+        assert_eq!(ok.message.source_id.as_deref(), Some("e1"));
+        assert_eq!(
+            ok.message.data.get(),
+            std::str::from_utf8(&body).unwrap().trim_end()
+        );
+        assert_eq!(ok.inbound.body, body, "the record keeps the bytes");
+        assert!(
+            ok.inbound
+                .headers
+                .contains(&("authorization".into(), "[redacted]".into()))
+        );
+        let refused = source.accept(&h, Bytes::from_static(b"{not json"), 0);
+        assert!(matches!(refused, Err(Rejection::InvalidJson(_))));
+        let signed = Sources::from_config(&[cfg("stripe")]).unwrap();
+        let refused = signed.get("s").unwrap().accept(&h, body, 0);
+        assert!(matches!(refused, Err(Rejection::InvalidSignature(_))));
+    }
+
+    #[test]
     fn credentials_are_not_recorded() {
         let mut h = HeaderMap::new();
         h.insert("authorization", "Basic c2VjcmV0".parse().unwrap());
