@@ -1,10 +1,9 @@
 //! The ways events leave pushgate to live clients: SSE, WebSocket, polling.
 //!
+//! Each reads its events from a `feed::Feed`, which keeps contract 1 (no gap,
+//! no duplicate, resets); transports only check requests and frame bytes.
 //! What they share lives here: reading the channel list and the resume point
-//! from a request, and turning a client's cursor into a place in the log.
-//! Invariant: every transport registers with the hub *before* it reads the
-//! log, and never delivers a seq at or below the last one it delivered, so
-//! the switch from history to live has no gap and no duplicate.
+//! from a request.
 
 pub mod poll;
 pub mod sse;
@@ -12,7 +11,7 @@ pub mod ws;
 
 use crate::AppState;
 use crate::api::error::ApiError;
-use crate::store::{ResetReason, Resume, Seq, format_cursor, parse_cursor, valid_channel};
+use crate::store::{Seq, format_cursor, valid_channel};
 
 /// Query pairs, decoded. Unknown keys are kept and ignored by callers.
 pub fn query_pairs(raw: Option<&str>) -> Vec<(String, String)> {
@@ -65,34 +64,6 @@ pub fn requested_channels(
         ));
     }
     Ok(channels)
-}
-
-/// Where a reader starts.
-#[derive(Debug, Clone, Copy)]
-pub struct Start {
-    pub after: Seq,
-    /// Set when the client's cursor could not be honoured: tell it, then
-    /// continue from the oldest retained event.
-    pub reset: Option<ResetReason>,
-}
-
-/// Resolves a client cursor; `None` means "from now on" (the current head).
-/// Call after registering with the hub.
-pub async fn resolve_start(app: &AppState, cursor: Option<&str>) -> Result<Start, ApiError> {
-    let bounds = app.store.bounds().await?;
-    Ok(match cursor {
-        None => Start {
-            after: bounds.head,
-            reset: None,
-        },
-        Some(text) => match parse_cursor(text, app.store.log_tag(), bounds) {
-            Resume::After(after) => Start { after, reset: None },
-            Resume::Reset(reason) => Start {
-                after: bounds.pruned_through,
-                reset: Some(reason),
-            },
-        },
-    })
 }
 
 pub fn cursor(app: &AppState, seq: Seq) -> String {

@@ -1,11 +1,12 @@
 //! Polling and long-polling: `GET /v1/events?channel=A&after=C&limit=100&wait=25`.
 //!
 //! Invariants:
-//! - `next` is always the cursor to send next: it never repeats an event and
-//!   never skips one (it may move past events of other channels);
-//! - a long-poll that finds nothing registers with the hub and then waits
-//!   without touching the database until the hub wakes it, the wait ends, or
-//!   the server shuts down;
+//! - the answer is the first batch of a `feed::Feed` opened at `after`
+//!   (bounded by `limit` and by bytes); `next` is the feed's cursor after it,
+//!   so it never repeats an event and never skips one (it may move past
+//!   events of other channels);
+//! - a long-poll that finds nothing waits on the hub without touching the
+//!   database until an event comes, the wait ends, or the server shuts down;
 //! - a request with `wait` holds one of its client's stream slots
 //!   (`limits.streams_per_client`) while it is open.
 
@@ -18,11 +19,12 @@ use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, BytesMut};
 use http::{HeaderMap, HeaderValue, header};
 
-use super::{cursor, query_pairs, query_value, requested_channels, resolve_start};
+use super::{cursor, query_pairs, query_value, requested_channels};
 use crate::AppState;
 use crate::api::error::ApiError;
 use crate::auth::Credentials;
-use crate::hub::{EncodedEvent, Signal};
+use crate::envelope::EncodedEvent;
+use crate::feed::{Bound, Closure, Feed, Item};
 use crate::metrics::GaugeGuard;
 use crate::store::Seq;
 
@@ -71,62 +73,40 @@ pub async fn events(
         None
     };
 
-    let start = resolve_start(&app, after_text).await?;
-    let reset = start.reset.is_some();
-    let page = app.store.read(&channels, start.after, limit).await?;
-    if !page.events.is_empty() || wait == 0.0 {
-        let encoded: Vec<EncodedEvent> = page
-            .events
-            .iter()
-            .map(|e| EncodedEvent::encode(e, app.store.log_tag()))
-            .collect();
-        app.metrics.deliveries_poll.increment(encoded.len() as u64);
-        return Ok(reply(&app, encoded.iter(), page.scanned_to, reset));
-    }
-
-    // Long-poll: register, then look once more (an event may have committed
-    // between the read and the registration), then sleep on the hub.
-    let _open = GaugeGuard::new(&app.metrics.streams_poll);
-    let subscription = app.hub.subscribe(&channels);
-    let page = app.store.read(&channels, page.scanned_to, limit).await?;
-    if !page.events.is_empty() {
-        let encoded: Vec<EncodedEvent> = page
-            .events
-            .iter()
-            .map(|e| EncodedEvent::encode(e, app.store.log_tag()))
-            .collect();
-        app.metrics.deliveries_poll.increment(encoded.len() as u64);
-        return Ok(reply(&app, encoded.iter(), page.scanned_to, reset));
-    }
-    let last = page.scanned_to;
+    let _open = (wait > 0.0).then(|| GaugeGuard::new(&app.metrics.streams_poll));
+    let bound = Bound {
+        events: limit,
+        ..Bound::default()
+    };
+    let lags = app.metrics.lagged_subscribers.clone();
+    let mut feed = Feed::open(&app.hub, &app.store, &channels, after_text, bound, lags).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(wait);
-    let mut pending: Vec<Arc<EncodedEvent>> = Vec::new();
+    let mut reset = false;
     loop {
-        let signal = tokio::time::timeout_at(deadline, subscription.signal(&mut pending)).await;
-        match signal {
-            Err(_) | Ok(Signal::Closed) => return Ok(reply(&app, std::iter::empty(), last, reset)),
-            Ok(Signal::Ping) => continue,
-            Ok(Signal::Lagged) => {
-                app.metrics.lagged_subscribers.increment(1);
-                let page = app.store.read(&channels, last, limit).await?;
-                let encoded: Vec<EncodedEvent> = page
-                    .events
-                    .iter()
-                    .map(|e| EncodedEvent::encode(e, app.store.log_tag()))
-                    .collect();
-                app.metrics.deliveries_poll.increment(encoded.len() as u64);
-                return Ok(reply(&app, encoded.iter(), page.scanned_to, reset));
+        let item = if wait > 0.0 {
+            tokio::time::timeout_at(deadline, feed.next())
+                .await
+                .unwrap_or(None)
+        } else {
+            feed.next().await
+        };
+        match item {
+            Some(Item::Reset { .. }) => reset = true,
+            // The answer is the feed's first batch.
+            Some(Item::Events(batch)) => {
+                app.metrics
+                    .deliveries_poll
+                    .increment(batch.events.len() as u64);
+                return Ok(reply(&app, &batch.events, batch.cursor, reset));
             }
-            Ok(Signal::Events) => {
-                pending.retain(|e| e.seq > last);
-                if pending.is_empty() {
-                    continue;
-                }
-                // More than a page queued: return the first page; `next` is its last event.
-                pending.truncate(limit);
-                let next = pending.last().map(|e| e.seq).unwrap_or(last);
-                app.metrics.deliveries_poll.increment(pending.len() as u64);
-                return Ok(reply(&app, pending.iter().map(|e| &**e), next, reset));
+            Some(Item::CaughtUp) if wait == 0.0 => {
+                return Ok(reply(&app, &[], feed.cursor(), reset));
+            }
+            Some(Item::CaughtUp | Item::Heartbeat) => {}
+            Some(Item::Closed(Closure::Store(e))) => return Err(e.into()),
+            // Shutdown, or the wait is over: nothing new, same cursor.
+            Some(Item::Closed(Closure::Shutdown)) | None => {
+                return Ok(reply(&app, &[], feed.cursor(), reset));
             }
         }
     }
@@ -134,15 +114,10 @@ pub async fn events(
 
 /// Writes the page without re-serializing any event: the envelopes are
 /// already JSON.
-fn reply<'a>(
-    app: &AppState,
-    events: impl Iterator<Item = &'a EncodedEvent>,
-    next: Seq,
-    reset: bool,
-) -> Response {
+fn reply(app: &AppState, events: &[Arc<EncodedEvent>], next: Seq, reset: bool) -> Response {
     let mut b = BytesMut::with_capacity(256);
     b.put_slice(b"{\"events\":[");
-    for (i, e) in events.enumerate() {
+    for (i, e) in events.iter().enumerate() {
         if i > 0 {
             b.put_u8(b',');
         }

@@ -5,12 +5,11 @@
 //! channel. The frame codec is tokio-tungstenite, whose CI runs the Autobahn
 //! conformance suite; the upgrade is taken from hyper directly, so that task
 //! holds a single copy of the connection's state. Invariants:
-//! - each `subscribe` op is its own hub registration with its own cursor; it
-//!   registers *before* reading the log, then never sends a seq at or below
-//!   the last one it sent (the same catch-up rule as SSE), and a lagged
-//!   subscription reads the log from its cursor again;
-//! - every live event's frame is the hub's shared encoding (`ws_text`); all
-//!   pending frames are fed, then flushed once (one write);
+//! - each `subscribe` op is its own `feed::Feed` (hub registration and
+//!   cursor); which events, in which order, exactly once, is the feed's
+//!   business, this module only frames them;
+//! - every event's frame is the shared encoding (`ws_text`); all pending
+//!   frames are fed, then flushed once (one write);
 //! - every connection also holds one *control* registration under a name no
 //!   event can carry, so the hub's heartbeat (protocol ping, token expiry,
 //!   dead peers) and shutdown (close 1012) reach connections that subscribe
@@ -42,18 +41,16 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
-use super::{cursor, query_pairs, query_value, resolve_start};
+use super::{cursor, query_pairs, query_value};
 use crate::AppState;
 use crate::api::error::ApiError;
 use crate::api::publish::to_message;
 use crate::auth::{Credentials, Grant};
-use crate::hub::{EncodedEvent, Signal, Subscription};
+use crate::feed::{Bound, Closure, Feed, Item};
+use crate::hub::{Signal, Subscription};
 use crate::limits::StreamSlot;
 use crate::metrics::GaugeGuard;
-use crate::store::{Page, Seq, Store, StoreError, format_cursor, valid_channel};
-
-/// Events read from the log per query while a subscription catches up.
-const CATCH_UP_PAGE: usize = 500;
+use crate::store::{StoreError, format_cursor, valid_channel};
 /// `subscribe` ops one connection may hold at once.
 const MAX_SUBSCRIPTIONS: usize = 64;
 /// Bytes of frames tungstenite gathers before it writes; we flush after each
@@ -144,85 +141,43 @@ fn codec_config(cfg: &crate::config::WebSocketConfig) -> WebSocketConfig {
 
 type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
-enum Phase {
-    /// Reading the log after `last`; `None` until the next read starts.
-    CatchUp(Option<BoxFuture<'static, Result<Page, StoreError>>>),
-    Live,
-}
-
-/// One `subscribe` op: its channels, its cursor, its hub registration.
+/// One `subscribe` op: its feed (channels, cursor, hub registration) and
+/// the `ref` its resets echo.
 struct ChannelSub {
-    subscription: Subscription,
-    /// Highest seq sent on this subscription (or scanned past in the log).
-    last: Seq,
-    phase: Phase,
+    feed: Feed,
+    reference: Option<Ref>,
 }
 
 impl ChannelSub {
-    /// Moves whatever this subscription has ready into `out`. Returns after
-    /// one page of history, so a long catch-up is written page by page.
+    /// Frames whatever this subscription's feed has ready into `out`, one
+    /// batch per call, so a long catch-up is written batch by batch.
     fn poll_into(
         &mut self,
         cx: &mut Context<'_>,
-        store: &Arc<dyn Store>,
         out: &mut Vec<Message>,
         metrics: &crate::metrics::Metrics,
     ) -> Result<(), StoreError> {
         loop {
-            match &mut self.phase {
-                Phase::CatchUp(read) => {
-                    let fut = read.get_or_insert_with(|| {
-                        let store = store.clone();
-                        let channels = self.subscription.channels().to_vec();
-                        let after = self.last;
-                        Box::pin(async move { store.read(&channels, after, CATCH_UP_PAGE).await })
-                    });
-                    let Poll::Ready(page) = fut.as_mut().poll(cx) else {
-                        return Ok(());
-                    };
-                    let page = page?;
-                    let full = page.events.len() >= CATCH_UP_PAGE;
-                    let mut sent = 0;
-                    for e in page.events.iter().filter(|e| e.seq > self.last) {
-                        let enc = EncodedEvent::encode(e, store.log_tag());
-                        out.push(text_frame(enc.ws_text().clone()));
-                        sent += 1;
-                    }
-                    metrics.deliveries_ws.increment(sent);
-                    self.last = self.last.max(page.scanned_to);
-                    self.phase = if full {
-                        Phase::CatchUp(None)
-                    } else {
-                        Phase::Live
-                    };
-                    if sent > 0 {
-                        return Ok(());
-                    }
+            let Poll::Ready(Some(item)) = self.feed.poll_next(cx) else {
+                return Ok(());
+            };
+            match item {
+                Item::Events(batch) => {
+                    out.extend(batch.events.iter().map(|e| text_frame(e.ws_text().clone())));
+                    metrics.deliveries_ws.increment(batch.events.len() as u64);
+                    return Ok(());
                 }
-                Phase::Live => {
-                    let mut pending: Vec<Arc<EncodedEvent>> = Vec::new();
-                    match self.subscription.poll_signal(cx, &mut pending) {
-                        Poll::Pending => return Ok(()),
-                        Poll::Ready(Signal::Events) => {
-                            let mut sent = 0;
-                            for e in &pending {
-                                if e.seq > self.last {
-                                    out.push(text_frame(e.ws_text().clone()));
-                                    self.last = e.seq;
-                                    sent += 1;
-                                }
-                            }
-                            metrics.deliveries_ws.increment(sent);
-                        }
-                        Poll::Ready(Signal::Lagged) => {
-                            metrics.lagged_subscribers.increment(1);
-                            self.phase = Phase::CatchUp(None);
-                        }
-                        // The control registration handles both.
-                        Poll::Ready(Signal::Ping) => {}
-                        Poll::Ready(Signal::Closed) => return Ok(()),
-                    }
-                }
+                Item::Reset {
+                    reason,
+                    resume_from,
+                } => out.push(op_frame(json!({
+                    "op": "reset", "reason": reason.as_str(),
+                    "resume_from": format_cursor(resume_from, self.feed.log_tag()),
+                    "channels": self.feed.channels(), "ref": self.reference,
+                }))),
+                // The control registration handles heartbeat and shutdown.
+                Item::CaughtUp | Item::Heartbeat | Item::Closed(Closure::Shutdown) => {}
+                Item::Closed(Closure::Store(e)) => return Err(e),
             }
         }
     }
@@ -412,13 +367,13 @@ impl Connection {
                 polled = std::future::poll_fn(|cx| {
                     let before = self.out.len();
                     for sub in self.subs.iter_mut() {
-                        if let Err(e) = sub.poll_into(cx, &self.app.store, &mut self.out, &self.app.metrics) {
+                        if let Err(e) = sub.poll_into(cx, &mut self.out, &self.app.metrics) {
                             return Poll::Ready(Err(e));
                         }
                     }
                     if self.out.len() > before { Poll::Ready(Ok(())) } else { Poll::Pending }
                 }) => if let Err(e) = polled {
-                    tracing::warn!(error = %e, "WebSocket catch-up read failed");
+                    tracing::warn!(error = %e, "WebSocket log read failed");
                     break Some(close(CLOSE_INTERNAL, "log unavailable; reconnect"));
                 },
             }
@@ -536,7 +491,7 @@ impl Connection {
         }
         match op.op.as_deref() {
             Some("subscribe") => self.subscribe(op).await,
-            Some("unsubscribe") => self.unsubscribe(op),
+            Some("unsubscribe") => self.unsubscribe(op).await,
             Some("publish") => self.publish(op),
             Some("refresh") => self.refresh(op),
             Some("ping") => self
@@ -600,11 +555,10 @@ impl Connection {
                 reference.as_ref(),
             ));
         }
-        if let Some(dup) = channels.iter().find(|c| {
-            self.subs
-                .iter()
-                .any(|s| s.subscription.channels().contains(c))
-        }) {
+        if let Some(dup) = channels
+            .iter()
+            .find(|c| self.subs.iter().any(|s| s.feed.channels().contains(c)))
+        {
             return self.out.push(error_frame(
                 "already_subscribed",
                 format!("`{dup}` is already subscribed on this connection"),
@@ -618,37 +572,20 @@ impl Connection {
         {
             return self.out.push(api_error_frame(e.into(), reference.as_ref()));
         }
-        // Register first, then find the start: nothing falls between.
-        let subscription = self.app.hub.subscribe(&channels);
         let since = op.since.as_deref().filter(|s| !s.is_empty());
-        let start = match resolve_start(&self.app, since).await {
-            Ok(s) => s,
-            Err(e) => return self.out.push(api_error_frame(e, reference.as_ref())),
+        let feed = match open_feed(&self.app, &channels, since).await {
+            Ok(f) => f,
+            Err(e) => return self.out.push(api_error_frame(e.into(), reference.as_ref())),
         };
-        let at = cursor(&self.app, start.after);
+        let at = cursor(&self.app, feed.cursor());
         self.out.push(op_frame(json!({
             "op": "subscribed", "channels": channels, "cursor": at, "ref": reference,
         })));
-        if let Some(reason) = start.reset {
-            self.out.push(op_frame(json!({
-                "op": "reset", "reason": reason.as_str(), "resume_from": at,
-                "channels": channels, "ref": reference,
-            })));
-        }
-        self.subs.push(ChannelSub {
-            subscription,
-            last: start.after,
-            // "From now on" has no history to read: anything queued since
-            // registering and at or below the head is dropped by seq.
-            phase: if since.is_none() {
-                Phase::Live
-            } else {
-                Phase::CatchUp(None)
-            },
-        });
+        // A reset, if the cursor could not be honoured, is the feed's first item.
+        self.subs.push(ChannelSub { feed, reference });
     }
 
-    fn unsubscribe(&mut self, mut op: ClientOp) {
+    async fn unsubscribe(&mut self, mut op: ClientOp) {
         let reference = op.reference.take();
         let channels = match self.channels_of(&mut op) {
             Ok(c) => c,
@@ -658,7 +595,7 @@ impl Connection {
         let mut kept: Vec<ChannelSub> = Vec::with_capacity(self.subs.len());
         for sub in std::mem::take(&mut self.subs) {
             let (gone, stay): (Vec<String>, Vec<String>) = sub
-                .subscription
+                .feed
                 .channels()
                 .iter()
                 .cloned()
@@ -671,11 +608,17 @@ impl Connection {
             if !stay.is_empty() {
                 // Re-register the rest and read the log from this cursor:
                 // events queued on the old registration are not lost.
-                kept.push(ChannelSub {
-                    subscription: self.app.hub.subscribe(&stay),
-                    last: sub.last,
-                    phase: Phase::CatchUp(None),
-                });
+                let at = cursor(&self.app, sub.feed.cursor());
+                match open_feed(&self.app, &stay, Some(&at)).await {
+                    Ok(feed) => kept.push(ChannelSub {
+                        feed,
+                        reference: sub.reference,
+                    }),
+                    Err(e) => {
+                        self.subs = kept;
+                        return self.out.push(api_error_frame(e.into(), reference.as_ref()));
+                    }
+                }
             }
         }
         self.subs = kept;
@@ -760,7 +703,7 @@ impl Connection {
             if let Err(e) = self
                 .app
                 .auth
-                .check_subscribe(Some(&grant), sub.subscription.channels())
+                .check_subscribe(Some(&grant), sub.feed.channels())
             {
                 return self.out.push(api_error_frame(e.into(), reference.as_ref()));
             }
@@ -774,6 +717,23 @@ impl Connection {
             json!({"op": "refreshed", "exp": exp, "ref": reference}),
         ));
     }
+}
+
+/// Registers with the hub and resolves the start (the feed's rule).
+async fn open_feed(
+    app: &Arc<AppState>,
+    channels: &[String],
+    since: Option<&str>,
+) -> Result<Feed, StoreError> {
+    Feed::open(
+        &app.hub,
+        &app.store,
+        channels,
+        since,
+        Bound::default(),
+        app.metrics.lagged_subscribers.clone(),
+    )
+    .await
 }
 
 type Publishes = Option<FuturesOrdered<BoxFuture<'static, Message>>>;

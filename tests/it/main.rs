@@ -5,6 +5,7 @@ mod auth;
 mod browser;
 mod common;
 mod core;
+mod feed_prop;
 mod ingest;
 mod ingest_interop;
 mod multinode;
