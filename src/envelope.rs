@@ -11,7 +11,6 @@
 //!   breaks in `event:` lines).
 
 use std::sync::OnceLock;
-use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
@@ -47,10 +46,7 @@ struct Envelope<'a> {
 impl EncodedEvent {
     pub fn encode(event: &Event, log_tag: &str) -> EncodedEvent {
         let cursor = format_cursor(event.seq, log_tag);
-        let time = humantime::format_rfc3339_millis(
-            UNIX_EPOCH + Duration::from_millis(event.time_ms.max(0) as u64),
-        )
-        .to_string();
+        let time = crate::clock::rfc3339(event.time_ms);
         let envelope = Envelope {
             id: &cursor,
             channel: &event.channel,

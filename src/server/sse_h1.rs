@@ -28,7 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::AppState;
-use crate::api::error::ApiError;
+use crate::error::ApiError;
 use crate::transport::sse;
 
 const PREFIX: &[u8] = b"GET /v1/stream";

@@ -10,7 +10,7 @@ pub mod sse;
 pub mod ws;
 
 use crate::AppState;
-use crate::api::error::ApiError;
+use crate::error::ApiError;
 use crate::store::{Seq, format_cursor, valid_channel};
 
 /// Query pairs, decoded. Unknown keys are kept and ignored by callers.

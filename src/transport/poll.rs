@@ -21,9 +21,9 @@ use http::{HeaderMap, HeaderValue, header};
 
 use super::{cursor, query_pairs, query_value, requested_channels};
 use crate::AppState;
-use crate::api::error::ApiError;
 use crate::auth::Credentials;
 use crate::envelope::EncodedEvent;
+use crate::error::ApiError;
 use crate::feed::{Bound, Closure, Feed, Item};
 use crate::metrics::GaugeGuard;
 use crate::store::Seq;
@@ -43,17 +43,7 @@ pub async fn events(
     let creds = Credentials::from_request(&headers, query_value(&pairs, "token"));
     app.auth.authorize_subscribe(&creds, &channels)?;
 
-    let limit = match query_value(&pairs, "limit") {
-        None | Some("") => DEFAULT_LIMIT,
-        Some(v) => v
-            .parse::<usize>()
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| {
-                ApiError::bad_request("invalid_limit", "limit must be a positive integer")
-            })?
-            .min(MAX_LIMIT),
-    };
+    let limit = crate::api::parse_limit(query_value(&pairs, "limit"), DEFAULT_LIMIT, MAX_LIMIT)?;
     let wait = match query_value(&pairs, "wait") {
         None | Some("") => 0.0,
         Some(v) => v

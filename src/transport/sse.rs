@@ -26,9 +26,10 @@ use http_body::Frame;
 
 use super::{query_pairs, query_value, requested_channels};
 use crate::AppState;
-use crate::api::error::ApiError;
-use crate::auth::{Credentials, unix_now};
+use crate::auth::Credentials;
+use crate::clock::unix_now;
 use crate::envelope::EncodedEvent;
+use crate::error::ApiError;
 use crate::feed::{Batch, Bound, Closure, Feed, Item};
 use crate::limits::StreamSlot;
 use crate::metrics::GaugeGuard;

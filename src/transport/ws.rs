@@ -43,12 +43,12 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::{cursor, query_pairs, query_value};
 use crate::AppState;
-use crate::api::error::ApiError;
-use crate::api::publish::to_message;
 use crate::auth::{Credentials, Grant};
+use crate::error::ApiError;
 use crate::feed::{Bound, Closure, Feed, Item};
 use crate::hub::{Signal, Subscription};
 use crate::limits::StreamSlot;
+use crate::message::to_message;
 use crate::metrics::GaugeGuard;
 use crate::store::{StoreError, format_cursor, valid_channel};
 /// `subscribe` ops one connection may hold at once.
