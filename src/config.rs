@@ -222,6 +222,18 @@ pub struct LimitsConfig {
     pub channels_per_subscription: usize,
     /// Events in one publish batch.
     pub batch_size: usize,
+    /// Time a client has to send a whole request body once its head has
+    /// arrived; past it the request is answered 408 (0 = no deadline).
+    pub body_timeout: Dur,
+    /// Request bodies being received (and handled) at once, over all
+    /// clients; past it 503 `server_busy` (0 = unlimited).
+    pub bodies_in_flight: usize,
+    /// Bytes of request bodies held at once, over all clients; past it 503
+    /// `server_busy` (0 = unlimited). At least `server.max_body`.
+    pub body_bytes_in_flight: ByteSize,
+    /// Open connections from one client address (IPv6 by /64); past it new
+    /// ones are closed at once. Trusted proxies are exempt (0 = unlimited).
+    pub connections_per_client: u32,
 }
 
 impl Default for LimitsConfig {
@@ -232,6 +244,10 @@ impl Default for LimitsConfig {
             streams_per_client: 0,
             channels_per_subscription: 100,
             batch_size: 1000,
+            body_timeout: Dur::secs(20),
+            bodies_in_flight: 256,
+            body_bytes_in_flight: ByteSize(32 << 20),
+            connections_per_client: 256,
         }
     }
 }
@@ -316,10 +332,17 @@ impl Dur {
     pub const fn secs(s: u64) -> Self {
         Dur(Duration::from_secs(s))
     }
+    /// Longer than any sane setting, short enough that every timer and
+    /// `Instant` arithmetic on it stays far from overflow.
+    pub const MAX: Duration = Duration::from_secs(100 * 365 * 86400);
+
     pub fn parse(text: &str) -> Result<Self, String> {
-        humantime::parse_duration(text.trim())
-            .map(Dur)
-            .map_err(|e| format!("`{text}` is not a duration like 250ms, 3s, 5m, 2h, 7d ({e})"))
+        let d = humantime::parse_duration(text.trim())
+            .map_err(|e| format!("`{text}` is not a duration like 250ms, 3s, 5m, 2h, 7d ({e})"))?;
+        if d > Self::MAX {
+            return Err(format!("`{text}` is longer than 100 years"));
+        }
+        Ok(Dur(d))
     }
 }
 
@@ -530,6 +553,13 @@ impl Config {
                 "must be positive",
             ));
         }
+        let in_flight = self.limits.body_bytes_in_flight.0;
+        if in_flight != 0 && in_flight < self.server.max_body.0 {
+            return Err(ConfigError::invalid(
+                "limits.body_bytes_in_flight",
+                "must be at least server.max_body (or 0 for unlimited)",
+            ));
+        }
         if self.limits.batch_size == 0 {
             return Err(ConfigError::invalid(
                 "limits.batch_size",
@@ -728,6 +758,14 @@ mod tests {
         .unwrap();
         let shown = format!("{c:?}");
         assert!(!shown.contains("SECRET_"), "{shown}");
+    }
+
+    #[test]
+    fn durations_are_bounded() {
+        assert!(Dur::parse("100y").is_err());
+        assert!(Dur::parse("99y").is_ok());
+        let e = load_str("[server]\nheartbeat = \"100000000000000000m\"", &[]).unwrap_err();
+        assert!(e.to_string().contains("server.heartbeat"), "{e}");
     }
 
     #[test]

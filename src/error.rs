@@ -160,6 +160,7 @@ impl From<BodyError> for ApiError {
         match e {
             BodyError::TooLarge { limit } => ApiError::payload_too_large(limit),
             BodyError::Unreadable(_) => ApiError::bad_request("invalid_body", e.to_string()),
+            BodyError::Cut(cut) => ApiError::from(cut),
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod deliver;
 pub mod envelope;
 pub mod error;
 pub mod feed;
+pub mod hardening;
 pub mod hub;
 pub mod ingest;
 pub mod limits;
@@ -102,6 +103,7 @@ pub async fn serve(
             );
         }
     }
+    hardening::warn_disabled(&config);
     // Development mode's `demo` Stripe source (the CLI adds it earlier, to
     // print its secret; then this finds it there and adds nothing).
     ingest::add_demo_source(&mut config);

@@ -7,11 +7,13 @@
 //! CORS answers preflights before any route runs, and only origins listed in
 //! `server.cors_origins` may send credentials (the cookie flow).
 
+pub mod bodies;
 pub mod demo;
 pub mod endpoints;
 pub mod error;
 pub mod inbound;
 pub mod publish;
+pub mod request_checks;
 pub mod webhooks;
 
 use std::net::{IpAddr, SocketAddr};
@@ -67,6 +69,14 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/metrics", get(render_metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            Arc::new(bodies::BodyGate::new(&app.config.limits)),
+            bodies::guard_bodies,
+        ))
+        .layer(middleware::from_fn_with_state(
+            app.clone(),
+            request_checks::guard,
+        ))
         .layer(middleware::from_fn_with_state(
             app.clone(),
             limit_failed_checks,
@@ -149,6 +159,9 @@ pub enum BodyError {
     /// The connection failed or the framing was broken mid-body.
     #[error("could not read the body: {0}")]
     Unreadable(String),
+    /// Too slow, or too many bytes in flight (`bodies`).
+    #[error(transparent)]
+    Cut(#[from] bodies::BodyCut),
 }
 
 /// Reads `req`'s body, up to `limit` bytes: a declared `Content-Length`
@@ -166,7 +179,9 @@ pub async fn read_body(req: Request, limit: usize) -> Result<Bytes, BodyError> {
     axum::body::to_bytes(req.into_body(), limit)
         .await
         .map_err(|e| {
-            if is_length_limit(&e) {
+            if let Some(cut) = bodies::cut_off(&e) {
+                BodyError::Cut(cut)
+            } else if is_length_limit(&e) {
                 BodyError::TooLarge { limit }
             } else {
                 BodyError::Unreadable(e.to_string())

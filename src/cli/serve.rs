@@ -91,7 +91,7 @@ fn print_banner(config: &Config, addr: std::net::SocketAddr, demo_secret: Option
     println!("pushgate listening on {base}");
     println!("  dashboard:  {base}/");
     println!(
-        "  publish:    curl -X POST {base}/v1/publish -d '{{\"channel\":\"news\",\"type\":\"hello\",\"data\":{{\"msg\":\"hi\"}}}}'"
+        "  publish:    curl -X POST {base}/v1/publish -H 'content-type: application/json' -d '{{\"channel\":\"news\",\"type\":\"hello\",\"data\":{{\"msg\":\"hi\"}}}}'"
     );
     println!("  subscribe:  curl -N '{base}/v1/stream?channel=news'");
     println!(

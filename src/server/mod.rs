@@ -4,7 +4,9 @@
 //! Invariants: a client gets `server.header_timeout` to send its request
 //! head (slow or half-open connections are closed, not kept); on shutdown the
 //! listener closes first, then streams are ended (`on_shutdown`), then open
-//! requests get `drain` to finish.
+//! requests get `drain` to finish; one client address holds at most
+//! `limits.connections_per_client` connections (`conn_cap`; trusted proxies
+//! exempt), refused unread in the accept loop.
 //!
 //! Every request carries the client's address (`ConnectInfo` for the
 //! router): the peer's, or, when the peer is one of `server.trusted_proxies`,
@@ -17,6 +19,7 @@
 //! (hyper keeps ~16 KiB per connection, which dominates an idle stream's
 //! cost). Everything else — other routes, HTTP/2, TLS — goes to hyper.
 
+pub mod conn_cap;
 mod sse_h1;
 
 use std::future::Future;
@@ -140,6 +143,8 @@ where
     let builder = builder(cfg);
     let graceful = GracefulShutdown::new();
     let handshake_timeout = cfg.header_timeout.0;
+    let conn_cap =
+        conn_cap::ConnCap::new(app.config.limits.connections_per_client, trusted.clone());
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -153,6 +158,10 @@ where
                     continue;
                 }
             },
+        };
+        let Some(slot) = conn_cap.admit(peer.ip()) else {
+            tracing::debug!(%peer, "connection refused: limits.connections_per_client");
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
@@ -177,6 +186,7 @@ where
         match tls.clone() {
             None => {
                 tokio::spawn(async move {
+                    let _slot = slot;
                     match sse_h1::sniff(&stream, handshake_timeout).await {
                         sse_h1::Sniffed::Nothing => return,
                         sse_h1::Sniffed::SseHead(head_len) => {
@@ -192,6 +202,7 @@ where
             }
             Some(acceptor) => {
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let Ok(Ok(tls)) =
                         tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
                     else {

@@ -130,6 +130,10 @@ pub async fn serve(
         return;
     };
     drop(raw);
+    if let Err(e) = crate::api::request_checks::check_host(&app.config, &head.headers) {
+        let _ = write_error(&app, &mut stream, None, e).await;
+        return;
+    }
     let client = super::client_addr(peer, trusted_proxies, &head.headers).ip();
     tracing::debug!(path = "/v1/stream", %client, "sse stream (http/1)");
     let origin = head.headers.get(http::header::ORIGIN).cloned();

@@ -603,7 +603,10 @@ async fn bad_input_is_refused_clearly_and_stores_nothing() {
         .unwrap();
     let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
         (
-            s.client.post(s.url("/v1/publish")).body("{not json"),
+            s.client
+                .post(s.url("/v1/publish"))
+                .header("content-type", "application/json")
+                .body("{not json"),
             400,
             "invalid_json",
         ),
@@ -613,7 +616,10 @@ async fn bad_input_is_refused_clearly_and_stores_nothing() {
             "invalid_json",
         ),
         (
-            s.client.post(s.url("/v1/publish")).body("[1,2]"),
+            s.client
+                .post(s.url("/v1/publish"))
+                .header("content-type", "application/json")
+                .body("[1,2]"),
             400,
             "invalid_event",
         ),
@@ -672,10 +678,13 @@ async fn bad_input_is_refused_clearly_and_stores_nothing() {
             "invalid_id",
         ),
         (
-            s.client.post(s.url("/v1/publish")).body(format!(
-                "{{\"channel\":\"ok\",\"data\":\"{}\"}}",
-                "x".repeat(100_000)
-            )),
+            s.client
+                .post(s.url("/v1/publish"))
+                .header("content-type", "application/json")
+                .body(format!(
+                    "{{\"channel\":\"ok\",\"data\":\"{}\"}}",
+                    "x".repeat(100_000)
+                )),
             413,
             "payload_too_large",
         ),
@@ -714,6 +723,7 @@ async fn bad_input_is_refused_clearly_and_stores_nothing() {
     let r = s
         .client
         .post(s.url("/v1/publish"))
+        .header("content-type", "application/json")
         .body(reqwest::Body::wrap_stream(chunks))
         .send()
         .await

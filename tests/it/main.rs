@@ -6,6 +6,8 @@ mod browser;
 mod common;
 mod core;
 mod feed_prop;
+mod fuzz;
+mod hardening;
 mod ingest;
 mod ingest_interop;
 mod multinode;

@@ -847,6 +847,7 @@ async fn endpoints_api_validates_and_changes_nothing_on_bad_input() {
         .client
         .post(s.url("/v1/endpoints"))
         .bearer_auth("ak_test")
+        .header("content-type", "application/json")
         .body("{nope")
         .send()
         .await

@@ -13,7 +13,7 @@ run(async () => {
   await page.click('#watch')
   await page.locator('#events .item').first().waitFor({ timeout: 10000 })
   await page.locator('#livestate', { hasText: 'live' }).waitFor({ timeout: 10000 })
-  const r = await fetch(`${base}/v1/publish`, { method: 'POST', body: JSON.stringify({ channel: 'user:demo', type: 'dash.live', data: { n: 1 } }) })
+  const r = await fetch(`${base}/v1/publish`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ channel: 'user:demo', type: 'dash.live', data: { n: 1 } }) })
   check(r.ok, `publish ${r.status}`)
   say('step live')
   await page.locator('#events .item', { hasText: 'dash.live' }).waitFor({ timeout: 5000 })

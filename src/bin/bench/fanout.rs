@@ -211,6 +211,7 @@ pub async fn fanout(opts: &Opts) -> Result<serde_json::Value, String> {
                 let body = body.replacen("\"t\":0", &format!("\"t\":{}", now_ns()), 1);
                 let r = client
                     .post(&url)
+                    .header("content-type", "application/json")
                     .body(body)
                     .send()
                     .await

@@ -36,7 +36,7 @@ pub async fn publish(opts: &Opts) -> Result<serde_json::Value, String> {
             while Instant::now() < deadline {
                 let body = format!("{{\"channel\":\"bench:{p}\",\"type\":\"bench\",\"data\":{{\"i\":{i},\"pad\":\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}}}}");
                 let t = Instant::now();
-                let r = client.post(&url).body(body).send().await.map_err(|e| e.to_string())?;
+                let r = client.post(&url).header("content-type", "application/json").body(body).send().await.map_err(|e| e.to_string())?;
                 if !r.status().is_success() {
                     return Err(format!("publish: {}", r.status()));
                 }

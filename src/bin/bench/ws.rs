@@ -308,6 +308,7 @@ pub async fn fanout(opts: &Opts) -> Result<Value, String> {
                 let (url, body) = target.publish_request("fan", now_ns(), &pad);
                 let r = client
                     .post(&url)
+                    .header("content-type", "application/json")
                     .body(body)
                     .send()
                     .await
