@@ -9,7 +9,6 @@
 //! are the only mapping from a domain failure to a status and a code, so
 //! handlers match on types, never on message strings.
 
-use axum::Json;
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use serde_json::json;
@@ -165,10 +164,23 @@ impl From<BodyError> for ApiError {
     }
 }
 
+impl ApiError {
+    /// The contract's JSON error body, `{"error":{"code":…,"message":…}}`:
+    /// the one rendering, used by the router and the lean SSE path alike.
+    pub fn body(&self) -> bytes::Bytes {
+        json!({"error": {"code": self.code, "message": self.message}})
+            .to_string()
+            .into()
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
-        let mut resp = (self.status, body).into_response();
+        let mut resp = (self.status, self.body()).into_response();
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
         if let Some(secs) = self.retry_after {
             resp.headers_mut()
                 .insert(http::header::RETRY_AFTER, secs.into());

@@ -34,7 +34,7 @@ use tower_http::trace::TraceLayer;
 use crate::AppState;
 use crate::auth::Credentials;
 use crate::error::ApiError;
-use crate::transport::{poll, sse, ws};
+use crate::transport::{policy, poll, sse, ws};
 
 pub fn router(app: Arc<AppState>) -> Router {
     Router::new()
@@ -86,7 +86,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         )))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             // The path only: a query string may carry a token.
-            tracing::info_span!("http", method = %req.method(), path = %req.uri().path())
+            policy::request_span(req.method(), req.uri().path())
         }))
         .with_state(app)
 }
@@ -117,13 +117,16 @@ pub fn cors(origins: &[String]) -> Option<CorsLayer> {
     if origins.iter().any(|o| o == "*") {
         return Some(layer.allow_origin(AllowOrigin::any()));
     }
-    let list: Vec<HeaderValue> = origins
-        .iter()
-        .filter_map(|o| HeaderValue::from_str(&crate::auth::normalize_origin(o)).ok())
-        .collect();
+    // The lean SSE path asks the same question (`transport::policy::cors`).
+    let origins = origins.to_vec();
     Some(
         layer
-            .allow_origin(AllowOrigin::list(list))
+            .allow_origin(AllowOrigin::predicate(move |origin, _| {
+                matches!(
+                    policy::cors(&origins, Some(origin)),
+                    policy::Cors::Origin(_)
+                )
+            }))
             .allow_credentials(true),
     )
 }
@@ -242,13 +245,10 @@ async fn limit_failed_checks(
 ) -> Response {
     let client = client_ip(req.extensions());
     let resp = next.run(req).await;
-    if matches!(
-        resp.status(),
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
-    ) && let Some(ip) = client
-        && let Err(limited) = app.limits.record_invalid(ip)
+    if let Some(ip) = client
+        && let Some(limited) = policy::after_check(&app.limits, ip, resp.status())
     {
-        return ApiError::from(limited).into_response();
+        return limited.into_response();
     }
     resp
 }

@@ -10,8 +10,8 @@
 //! chunk). Invariants:
 //! - it only ever sees plain-text HTTP/1.x GETs of `/v1/stream`; anything it
 //!   does not recognise is left unread for hyper;
-//! - errors are the same JSON errors, statuses and failed-check accounting as
-//!   the router's;
+//! - errors, CORS, failed-check accounting and the request span are the
+//!   router's own (`transport::policy`), so both paths answer alike;
 //! - a client that closes is noticed while the stream is idle (read readiness
 //!   is watched without a buffer), so its subscription is dropped at once.
 
@@ -21,15 +21,16 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body::Body as _;
 use ipnet::IpNet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tracing::Instrument;
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::transport::sse;
+use crate::transport::{policy, sse};
 
 const PREFIX: &[u8] = b"GET /v1/stream";
 /// Request heads larger than this go to hyper (which answers 431).
@@ -126,7 +127,7 @@ pub async fn serve(
     }
     let Some(head) = parse_head(&raw) else {
         let e = ApiError::bad_request("invalid_request", "malformed request head");
-        let _ = write_error(&app, &mut stream, None, e).await;
+        let _ = write_error(&mut stream, &policy::Cors::Deny, e).await;
         return;
     };
     drop(raw);
@@ -135,29 +136,32 @@ pub async fn serve(
         return;
     }
     let client = super::client_addr(peer, trusted_proxies, &head.headers).ip();
-    tracing::debug!(path = "/v1/stream", %client, "sse stream (http/1)");
-    let origin = head.headers.get(http::header::ORIGIN).cloned();
-    let body = match sse::open(&app, &head.headers, head.query.as_deref(), client).await {
-        Ok(b) => b,
-        Err(mut e) => {
-            if matches!(e.status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
-                && let Err(limited) = app.limits.record_invalid(client)
-            {
-                e = limited.into();
+    let span = policy::request_span(&http::Method::GET, "/v1/stream");
+    async move {
+        tracing::debug!(%client, "sse stream (http/1)");
+        let cors = policy::cors(
+            &app.config.server.cors_origins,
+            head.headers.get(http::header::ORIGIN),
+        );
+        let body = match sse::open(&app, &head.headers, head.query.as_deref(), client).await {
+            Ok(b) => b,
+            Err(e) => {
+                let e = policy::after_check(&app.limits, client, e.status).unwrap_or(e);
+                let _ = write_error(&mut stream, &cors, e).await;
+                return;
             }
-            let _ = write_error(&app, &mut stream, origin.as_ref(), e).await;
-            return;
-        }
-    };
-    drop(head.headers);
-    let chunked = !head.http10;
-    let _ = stream_body(&app, &mut stream, origin.as_ref(), body, chunked).await;
+        };
+        drop(head.headers);
+        let chunked = !head.http10;
+        let _ = stream_body(&mut stream, &cors, body, chunked).await;
+    }
+    .instrument(span)
+    .await
 }
 
 async fn stream_body(
-    app: &AppState,
     stream: &mut TcpStream,
-    origin: Option<&HeaderValue>,
+    cors: &policy::Cors,
     body: sse::SseBody,
     chunked: bool,
 ) -> std::io::Result<()> {
@@ -170,7 +174,7 @@ async fn stream_body(
     for (name, value) in sse::RESPONSE_HEADERS {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
-    push_cors(app, origin, &mut head);
+    push_cors(cors, &mut head);
     head.push_str(if chunked {
         "transfer-encoding: chunked\r\n\r\n"
     } else {
@@ -228,44 +232,33 @@ fn client_closed(stream: &TcpStream, cx: &mut std::task::Context<'_>) -> bool {
 }
 
 async fn write_error(
-    app: &AppState,
     stream: &mut TcpStream,
-    origin: Option<&HeaderValue>,
+    cors: &policy::Cors,
     e: ApiError,
 ) -> std::io::Result<()> {
-    let body = serde_json::json!({"error": {"code": e.code, "message": e.message}}).to_string();
+    let body = policy::error_body(&e);
     let mut head = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+        "HTTP/1.1 {} {}\r\ncontent-length: {}\r\nconnection: close\r\n",
         e.status.as_u16(),
         e.status.canonical_reason().unwrap_or(""),
         body.len()
     );
-    if let Some(secs) = e.retry_after {
-        head.push_str(&format!("retry-after: {secs}\r\n"));
+    for (name, value) in policy::error_headers(&e) {
+        head.push_str(&format!("{name}: {value}\r\n"));
     }
-    push_cors(app, origin, &mut head);
+    push_cors(cors, &mut head);
     head.push_str("\r\n");
-    head.push_str(&body);
-    stream.write_all(head.as_bytes()).await?;
+    let mut out = Bytes::from(head).chain(body);
+    stream.write_all_buf(&mut out).await?;
     stream.shutdown().await
 }
 
-/// CORS response headers for a cross-origin `EventSource`: the same rules as
-/// the router's CORS layer (`server.cors_origins`; `*` means any origin,
-/// without credentials; a listed origin is echoed with credentials allowed).
-fn push_cors(app: &AppState, origin: Option<&HeaderValue>, head: &mut String) {
-    let Some(origin) = origin.and_then(|o| o.to_str().ok()) else {
-        return;
-    };
-    let allowed = &app.config.server.cors_origins;
-    if allowed
-        .iter()
-        .any(|a| crate::auth::normalize_origin(a) == origin)
-    {
-        head.push_str(&format!(
-            "access-control-allow-origin: {origin}\r\naccess-control-allow-credentials: true\r\nvary: origin\r\n"
-        ));
-    } else if allowed.iter().any(|a| a == "*") {
-        head.push_str("access-control-allow-origin: *\r\n");
+/// CORS response headers for a cross-origin `EventSource`: the router's
+/// decision (`transport::policy::cors`), written as header lines.
+fn push_cors(cors: &policy::Cors, head: &mut String) {
+    for (name, value) in policy::cors_headers(cors) {
+        if let Ok(v) = value.to_str() {
+            head.push_str(&format!("{name}: {v}\r\n"));
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! What they share lives here: reading the channel list and the resume point
 //! from a request.
 
+pub mod policy;
 pub mod poll;
 pub mod sse;
 pub mod ws;
