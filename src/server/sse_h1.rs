@@ -132,7 +132,7 @@ pub async fn serve(
     };
     drop(raw);
     if let Err(e) = crate::api::request_checks::check_host(&app.config, &head.headers) {
-        let _ = write_error(&app, &mut stream, None, e).await;
+        let _ = write_error(&mut stream, &policy::Cors::Deny, e).await;
         return;
     }
     let client = super::client_addr(peer, trusted_proxies, &head.headers).ip();
