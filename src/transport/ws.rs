@@ -446,7 +446,7 @@ impl Connection {
             return None;
         }
         match msg {
-            Message::Text(text) => self.on_text(text.as_str()).await,
+            Message::Text(text) => return self.on_text(text.as_str()).await,
             Message::Binary(_) => self.out.push(error_frame(
                 "invalid_frame",
                 "send JSON text frames, not binary",
@@ -458,7 +458,8 @@ impl Connection {
         None
     }
 
-    async fn on_text(&mut self, text: &str) {
+    /// Answers one op; `Some` closes the connection.
+    async fn on_text(&mut self, text: &str) -> Option<CloseFrame> {
         let op: ClientOp = match serde_json::from_str(text) {
             Ok(op) => op,
             Err(e) => {
@@ -475,7 +476,7 @@ impl Connection {
                 };
                 self.out
                     .push(error_frame(code, message, reference.as_ref()));
-                return;
+                return None;
             }
         };
         if let Some(r) = &op.reference
@@ -487,9 +488,20 @@ impl Connection {
                 format!("`ref` is limited to {MAX_REF_LEN} bytes"),
                 None,
             ));
-            return;
+            return None;
         }
         match op.op.as_deref() {
+            // An op that grants access checks the token's expiry itself, not
+            // only the heartbeat: an expired token reads nothing more.
+            // (`publish` verifies the token again; `refresh` brings a new one.)
+            Some("subscribe") if self.grant.as_ref().is_some_and(Grant::is_expired) => {
+                self.out.push(error_frame(
+                    "token_expired",
+                    "the token has expired; reconnect with a new one",
+                    op.reference.as_ref(),
+                ));
+                return Some(close(CLOSE_AUTH, "token expired"));
+            }
             Some("subscribe") => self.subscribe(op).await,
             Some("unsubscribe") => self.unsubscribe(op).await,
             Some("publish") => self.publish(op),
@@ -513,6 +525,7 @@ impl Connection {
                 op.reference.as_ref(),
             )),
         }
+        None
     }
 
     /// The `channels` of an op: each valid, at least one, at most the cap.

@@ -680,3 +680,36 @@ async fn an_expiring_token_closes_with_4001_unless_refreshed() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     refreshed.assert_alive().await;
 }
+
+/// Issue 11 item 7: a token that has expired (but is still within the
+/// upgrade's clock leeway) may not subscribe: the op is answered
+/// `token_expired` and the connection closes with 4001 before any history is
+/// read. Positive control: a live token subscribes from `earliest` and reads.
+#[tokio::test]
+async fn subscribe_with_an_expired_token_is_refused_and_closes() {
+    let s = TestServer::with(secured).await;
+    let id = publish_with_key(&s, "user:1", json!("history")).await;
+
+    let live = token(json!({"exp": now() + 3600, "pushgate": {"subscribe": ["user:1"]}}));
+    let mut ok = Ws::connect(&s, &format!("?token={live}")).await;
+    ok.subscribe(&["user:1"], Some("earliest")).await;
+    assert_eq!(ok.event().await["id"], id);
+
+    // Expired 2 s ago: the upgrade's 5 s leeway lets it connect.
+    let expired = token(json!({"exp": now() - 2, "pushgate": {"subscribe": ["user:1"]}}));
+    let mut ws = Ws::connect(&s, &format!("?token={expired}")).await;
+    ws.send(json!({"op":"subscribe","channels":["user:1"],"since":"earliest","ref":"s"}))
+        .await;
+    let (end, ops) = ws.end().await;
+    assert_eq!(end, End::Close(4001));
+    assert!(
+        ops.iter()
+            .any(|o| o["code"] == "token_expired" && o["ref"] == "s"),
+        "{ops:?}"
+    );
+    assert!(
+        !ops.iter()
+            .any(|o| o["op"] == "event" || o["op"] == "subscribed"),
+        "nothing was read: {ops:?}"
+    );
+}
