@@ -241,7 +241,10 @@ impl Default for LimitsConfig {
         LimitsConfig {
             publish_per_key: 0,
             invalid_per_client: 50,
-            streams_per_client: 0,
+            // Open streams (SSE, WebSocket, long-polls) per client address:
+            // enough for many tabs and a NAT, not for one client to hold
+            // the server's memory.
+            streams_per_client: 128,
             channels_per_subscription: 100,
             batch_size: 1000,
             body_timeout: Dur::secs(20),

@@ -14,8 +14,11 @@
 //! - it yields a reset only when its cursor truly fell out of the log: an
 //!   unusable cursor at open, or retention pruning past its cursor, seen
 //!   after every log read (so a read that raced a prune is never trusted);
-//! - every batch is bounded by count and by bytes, so a reader that does not
-//!   read never has more than one batch in hand.
+//! - every batch is bounded by count and by bytes, and so is what it holds
+//!   of the log: a log read asks for as many events as the bytes left in the
+//!   batch allow at the sizes seen so far (the first read of a feed asks for
+//!   a few), so a reader that does not read holds about one batch, not a
+//!   page of large events.
 //!
 //! It knows nothing of framing, tokens or connections.
 
@@ -87,9 +90,16 @@ pub enum Closure {
 
 type Read = BoxFuture<'static, Result<(Page, Bounds), StoreError>>;
 
+/// What the first log read assumes of an event's size, until it has seen
+/// some: a feed's first read asks for `bytes / this` events (4 for 1 MiB).
+const FIRST_SIZE_GUESS: usize = 256 << 10;
+/// Bytes an envelope adds to a payload, roughly, for sizing reads.
+const ENVELOPE_OVERHEAD: usize = 160;
+
 enum State {
-    /// Reading the log after `last`; `None` until the read starts.
-    Reading(Option<Read>),
+    /// Reading the log after `last`, at most `limit` events; `None` until
+    /// the read starts.
+    Reading(Option<(Read, usize)>),
     /// Yielding `history`; then read again (`full` page) or go live.
     Draining {
         full: bool,
@@ -111,6 +121,11 @@ pub struct Feed {
     history: VecDeque<Event>,
     /// How far that read looked.
     scanned_to: Seq,
+    /// History batch being filled (possibly over several reads).
+    batch: Vec<Arc<EncodedEvent>>,
+    batch_bytes: usize,
+    /// Bytes per event at the last read, to size the next.
+    event_size: usize,
     /// Live events taken from the hub, not yet yielded.
     live: VecDeque<Arc<EncodedEvent>>,
     /// A reset to yield before anything else.
@@ -155,6 +170,9 @@ impl Feed {
             state,
             history: VecDeque::new(),
             scanned_to: last,
+            batch: Vec::new(),
+            batch_bytes: 0,
+            event_size: FIRST_SIZE_GUESS,
             live: VecDeque::new(),
             reset,
             lags,
@@ -190,33 +208,50 @@ impl Feed {
         loop {
             match &mut self.state {
                 State::Done => return Poll::Ready(None),
-                State::Reading(read) => {
-                    let fut = read.get_or_insert_with(|| {
-                        read_after(
-                            &self.store,
-                            self.subscription.channels(),
-                            self.last,
-                            self.bound.events,
-                        )
-                    });
+                State::Reading(None) => {
+                    let limit = self.read_limit();
+                    let channels = self.subscription.channels();
+                    let read = read_after(&self.store, channels, self.last, limit);
+                    self.state = State::Reading(Some((read, limit)));
+                }
+                State::Reading(Some((fut, limit))) => {
+                    let limit = *limit;
                     let result = ready!(fut.as_mut().poll(cx));
                     match result {
                         Err(e) => {
                             self.state = State::Done;
+                            self.batch = Vec::new();
                             return Poll::Ready(Some(Item::Closed(Closure::Store(e))));
                         }
                         // Pruned past the cursor, before or during the read:
-                        // the page may have a hole, so it is not used.
+                        // the page may have a hole, so it is not used. What
+                        // the batch already holds was read whole: it goes first.
                         Ok((_, bounds)) if bounds.pruned_through > self.last => {
+                            let before = self.take_batch();
                             self.last = bounds.pruned_through;
                             self.state = State::Reading(None);
-                            return Poll::Ready(Some(Item::Reset {
+                            let reset = Item::Reset {
                                 reason: ResetReason::Expired,
                                 resume_from: self.last,
+                            };
+                            return Poll::Ready(Some(match before {
+                                Some(batch) => {
+                                    self.reset = Some((ResetReason::Expired, self.last));
+                                    Item::Events(batch)
+                                }
+                                None => reset,
                             }));
                         }
                         Ok((page, _)) => {
-                            let full = page.events.len() >= self.bound.events;
+                            let full = page.events.len() >= limit;
+                            if !page.events.is_empty() {
+                                let bytes: usize = page
+                                    .events
+                                    .iter()
+                                    .map(|e| e.data.get().len() + ENVELOPE_OVERHEAD)
+                                    .sum();
+                                self.event_size = (bytes / page.events.len()).max(1);
+                            }
                             let last = self.last;
                             self.history
                                 .extend(page.events.into_iter().filter(|e| e.seq > last));
@@ -227,15 +262,27 @@ impl Feed {
                 }
                 State::Draining { full } => {
                     let full = *full;
-                    if let Some(batch) = self.cut_history() {
+                    self.fill_batch();
+                    if !self.history.is_empty() {
+                        // The batch is at its bound; the rest waits its turn.
+                        let batch = self.take_batch().expect("a bounded batch is not empty");
                         return Poll::Ready(Some(Item::Events(batch)));
                     }
+                    // The page is used up: everything up to its scan is seen.
+                    self.history = VecDeque::new();
                     self.last = self.last.max(self.scanned_to);
+                    // More history (a full page) is read on into the batch
+                    // while it has room.
                     self.state = if full {
                         State::Reading(None)
                     } else {
                         State::CaughtUp
                     };
+                    if (!full || self.batch.len() >= self.bound.events)
+                        && let Some(batch) = self.take_batch()
+                    {
+                        return Poll::Ready(Some(Item::Events(batch)));
+                    }
                 }
                 State::CaughtUp => {
                     self.state = State::Live;
@@ -264,31 +311,39 @@ impl Feed {
         }
     }
 
-    /// The next batch of history, encoded once; `None` when it is used up.
-    fn cut_history(&mut self) -> Option<Batch> {
-        let mut events = Vec::new();
-        let mut bytes = 0;
-        while events.len() < self.bound.events {
+    /// How many events the next log read asks for: what is left of the
+    /// batch's count, and of its bytes at the size seen last.
+    fn read_limit(&self) -> usize {
+        let events_left = self.bound.events - self.batch.len();
+        let bytes_left = self.bound.bytes.saturating_sub(self.batch_bytes);
+        (bytes_left / self.event_size).clamp(1, events_left.max(1))
+    }
+
+    /// Moves history into the batch, encoding each event once, until the
+    /// history is used up or the batch is at its bound.
+    fn fill_batch(&mut self) {
+        while self.batch.len() < self.bound.events {
             let Some(e) = self.history.front() else { break };
             if e.seq <= self.last {
                 self.history.pop_front();
                 continue;
             }
             let enc = EncodedEvent::encode(e, self.store.log_tag());
-            if !events.is_empty() && bytes + enc.json.len() > self.bound.bytes {
+            if !self.batch.is_empty() && self.batch_bytes + enc.json.len() > self.bound.bytes {
                 break;
             }
-            bytes += enc.json.len();
+            self.batch_bytes += enc.json.len();
             self.last = e.seq;
             self.history.pop_front();
-            events.push(Arc::new(enc));
+            self.batch.push(Arc::new(enc));
         }
-        if self.history.is_empty() {
-            // Give back a large page's buffer at once.
-            self.history = VecDeque::new();
-            self.last = self.last.max(self.scanned_to);
-        }
-        (!events.is_empty()).then(|| Batch {
+    }
+
+    /// The history batch so far, with the cursor after it.
+    fn take_batch(&mut self) -> Option<Batch> {
+        self.batch_bytes = 0;
+        let events = std::mem::take(&mut self.batch);
+        (!events.is_empty()).then_some(Batch {
             events,
             cursor: self.last,
         })

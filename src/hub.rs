@@ -6,7 +6,8 @@
 //!   each subscriber's queue is in log order too;
 //! - each event is encoded once (`envelope::EncodedEvent`), only if someone
 //!   listens, and the same bytes are shared by every subscriber;
-//! - a subscriber's queue is bounded: when it would overflow, the queue is
+//! - a subscriber's queue is bounded, in events and in bytes
+//!   (`QUEUE_BYTES`): when it would overflow, the queue is
 //!   dropped and the subscriber is marked lagged; it then reads the log from
 //!   its own cursor. A slow reader costs the others nothing and holds no
 //!   more memory than its bound;
@@ -22,9 +23,16 @@ use futures_util::task::AtomicWaker;
 pub use crate::envelope::EncodedEvent;
 use crate::store::Event;
 
+/// Bytes of envelopes one subscriber's queue may hold. Events are shared,
+/// but a queue that is not read keeps its events alive after every other
+/// reader is done with them, so its bound is in bytes as well as in count.
+pub const QUEUE_BYTES: usize = 4 << 20;
+
 #[derive(Default)]
 struct Inbox {
     queue: VecDeque<Arc<EncodedEvent>>,
+    /// Envelope bytes in `queue`.
+    bytes: usize,
     lagged: bool,
     ping: bool,
     closed: bool,
@@ -42,11 +50,16 @@ impl Subscriber {
         if inbox.lagged || inbox.closed {
             return false;
         }
-        if inbox.queue.len() >= limit {
+        let len = event.json.len();
+        if inbox.queue.len() >= limit
+            || (!inbox.queue.is_empty() && inbox.bytes + len > QUEUE_BYTES)
+        {
             inbox.queue = VecDeque::new();
+            inbox.bytes = 0;
             inbox.lagged = true;
             return true;
         }
+        inbox.bytes += len;
         inbox.queue.push_back(event.clone());
         true
     }
@@ -240,6 +253,7 @@ impl Subscription {
         }
         if !inbox.queue.is_empty() {
             out.extend(inbox.queue.drain(..));
+            inbox.bytes = 0;
             if inbox.queue.capacity() > 64 {
                 // Give back what a burst grew; idle subscribers stay small.
                 inbox.queue.shrink_to(16);
@@ -308,6 +322,25 @@ mod tests {
         drop(a);
         drop(ab);
         assert_eq!(hub.registrations(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_queue_is_bounded_in_bytes_too() {
+        let hub = Arc::new(Hub::new("t", 1000));
+        let slow = hub.subscribe(&["a".into()]);
+        let big = |seq| {
+            let mut e = event(seq, "a");
+            e.data = RawValue::from_string(format!("\"{}\"", "x".repeat(1 << 20))).unwrap();
+            e
+        };
+        hub.dispatch(&[big(1), big(2), big(3)]);
+        let mut got = Vec::new();
+        assert_eq!(slow.signal(&mut got).await, Signal::Events, "3 MiB fit");
+        assert_eq!(got.len(), 3);
+        hub.dispatch(&(4..=8).map(big).collect::<Vec<_>>());
+        let mut got = Vec::new();
+        assert_eq!(slow.signal(&mut got).await, Signal::Lagged, "5 MiB do not");
+        assert!(got.is_empty());
     }
 
     #[tokio::test]

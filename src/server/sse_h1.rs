@@ -13,7 +13,10 @@
 //! - errors, CORS, failed-check accounting and the request span are the
 //!   router's own (`transport::policy`), so both paths answer alike;
 //! - a client that closes is noticed while the stream is idle (read readiness
-//!   is watched without a buffer), so its subscription is dropped at once.
+//!   is watched without a buffer), so its subscription is dropped at once;
+//! - a client that stops reading is closed when a chunk waits longer than
+//!   the write deadline (two heartbeats): it holds at most one batch until
+//!   then, and resumes from its cursor.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -153,10 +156,18 @@ pub async fn serve(
         };
         drop(head.headers);
         let chunked = !head.http10;
-        let _ = stream_body(&mut stream, &cors, body, chunked).await;
+        let deadline = write_deadline(&app);
+        let _ = stream_body(&mut stream, &cors, body, chunked, deadline).await;
     }
     .instrument(span)
     .await
+}
+
+/// How long one chunk may wait for the client to take it: two heartbeats,
+/// so a live client that reads is never closed by it (it gets a keep-alive
+/// every heartbeat), at least a second.
+fn write_deadline(app: &AppState) -> Duration {
+    (app.config.server.heartbeat.0 * 2).max(Duration::from_secs(1))
 }
 
 async fn stream_body(
@@ -164,6 +175,7 @@ async fn stream_body(
     cors: &policy::Cors,
     body: sse::SseBody,
     chunked: bool,
+    write_deadline: Duration,
 ) -> std::io::Result<()> {
     let mut head = String::with_capacity(256);
     head.push_str(if chunked {
@@ -196,13 +208,24 @@ async fn stream_body(
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        if chunked {
-            let size = format!("{:x}\r\n", data.len());
-            let mut out = Bytes::from(size).chain(data).chain(&b"\r\n"[..]);
-            stream.write_all_buf(&mut out).await?;
-        } else {
-            let mut data = data;
-            stream.write_all_buf(&mut data).await?;
+        // A client that does not take a chunk within the deadline is
+        // closed: it resumes from its cursor, and stops holding memory.
+        let write = async {
+            if chunked {
+                let size = format!("{:x}\r\n", data.len());
+                let mut out = Bytes::from(size).chain(data).chain(&b"\r\n"[..]);
+                stream.write_all_buf(&mut out).await
+            } else {
+                let mut data = data;
+                stream.write_all_buf(&mut data).await
+            }
+        };
+        match tokio::time::timeout(write_deadline, write).await {
+            Ok(written) => written?,
+            Err(_) => {
+                tracing::debug!("SSE client not reading: stream closed");
+                return Ok(());
+            }
         }
     }
     if chunked {

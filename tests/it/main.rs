@@ -11,6 +11,7 @@ mod hardening;
 mod ingest;
 mod ingest_interop;
 mod multinode;
+mod nonreader;
 mod pg;
 mod pg_store;
 mod store_suite;

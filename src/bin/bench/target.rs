@@ -41,6 +41,9 @@ impl Target {
                         format!("sqlite://{}/bench.db", dir.path().display()),
                     )
                     .env("PUSHGATE_LOG", "warn")
+                    // Every connection comes from this one load generator.
+                    .env("PUSHGATE_LIMITS__CONNECTIONS_PER_CLIENT", "0")
+                    .env("PUSHGATE_LIMITS__STREAMS_PER_CLIENT", "0")
                     .stdout(Stdio::null())
                     .stderr(Stdio::inherit());
                 for (k, v) in extra_env {
