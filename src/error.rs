@@ -92,15 +92,26 @@ impl From<AuthError> for ApiError {
     }
 }
 
+/// Only a transient store failure (busy, locked, connection lost, shutting
+/// down) tells the client to retry; a corrupt database or a refused
+/// statement will not get better by retrying, so it is a plain 500.
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
-        tracing::error!(error = %e, "store error");
-        ApiError {
-            retry_after: Some(1),
-            ..ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                "the event log is unavailable; nothing was stored, retry later",
+        tracing::error!(error = %e, transient = e.is_transient(), "store error");
+        if e.is_transient() {
+            ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the event log is unavailable; nothing was stored, retry later",
+                )
+            }
+        } else {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the event log failed; nothing was stored",
             )
         }
     }

@@ -1,6 +1,13 @@
 //! The durable, ordered log: the single source of truth.
 //!
-//! Owns events, cursors and dedupe keys. Invariants every implementation keeps:
+//! Owns events, cursors and dedupe keys, the inspector's inbound records and
+//! the outbound delivery queue — three traits by what they keep (`EventLog`,
+//! `InboundLog`, `OutboundQueue`), one handle for all (`Store`). Each backend
+//! is a folder (`sqlite/`, `postgres/`) with the same files; row mapping the
+//! two share is in `rows`. Errors are typed by what a caller can do
+//! (`StoreError::is_transient`), never matched as text.
+//!
+//! Invariants every implementation keeps:
 //! - `append` returns only after the events are durable (committed and synced);
 //! - sequence numbers are assigned inside the write transaction, so log order,
 //!   commit order and visibility order are the same: a reader that has seen
@@ -12,6 +19,7 @@
 
 pub mod outbound;
 pub mod postgres;
+mod rows;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -92,21 +100,67 @@ pub struct Retention {
     pub dedupe_window_ms: i64,
 }
 
+/// What can go wrong in a store, by what the caller can do about it. The
+/// database's own error is kept as the source (for logs), never matched on
+/// as text: each backend classifies its errors by code when converting.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// Transient: the database is busy or locked, or cannot be reached right
+    /// now. The same request may succeed if retried.
     #[error("the log is unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] BoxError),
     #[error("the log is shutting down")]
     Closed,
-    #[error("corrupt row in the log: {0}")]
-    Corrupt(String),
+    /// The stored data (a row, a page, the file) is not what the schema says.
+    /// Retrying does not help.
+    #[error("corrupt data in the log: {0}")]
+    Corrupt(#[source] BoxError),
+    /// Anything else (a statement the database refused, a broken invariant).
+    /// Retrying does not help.
+    #[error("store error: {0}")]
+    Internal(#[source] BoxError),
+}
+
+/// The error a store keeps as its source.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+impl StoreError {
+    pub fn unavailable(e: impl Into<BoxError>) -> StoreError {
+        StoreError::Unavailable(e.into())
+    }
+    pub fn corrupt(e: impl Into<BoxError>) -> StoreError {
+        StoreError::Corrupt(e.into())
+    }
+    pub fn internal(e: impl Into<BoxError>) -> StoreError {
+        StoreError::Internal(e.into())
+    }
+
+    /// A copy for each of several callers failed by one write: the same
+    /// kind, the source kept as its text.
+    pub fn replicate(&self) -> StoreError {
+        let text = |e: &BoxError| -> BoxError { e.to_string().into() };
+        match self {
+            StoreError::Unavailable(e) => StoreError::Unavailable(text(e)),
+            StoreError::Closed => StoreError::Closed,
+            StoreError::Corrupt(e) => StoreError::Corrupt(text(e)),
+            StoreError::Internal(e) => StoreError::Internal(text(e)),
+        }
+    }
+
+    /// Whether retrying later may succeed: busy, locked, connection lost,
+    /// or this process shutting down (a retry reaches its successor or
+    /// another node). The API answers 503 with `Retry-After` only for these.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::Closed)
+    }
 }
 
 /// The committed batches, in log order, for the hub.
 pub type CommitFeed = mpsc::Receiver<Arc<[Event]>>;
 
+/// The log: appends, reads, retention and the identity cursors carry.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait EventLog: Send + Sync + 'static {
     /// Identity of this log, carried in every cursor so a cursor from another
     /// log is recognised instead of silently misread.
     fn log_tag(&self) -> &str;
@@ -119,6 +173,11 @@ pub trait Store: Send + Sync + 'static {
     async fn read(&self, channels: &[String], after: Seq, limit: usize)
     -> Result<Page, StoreError>;
 
+    /// Events of every channel with seq > `after`, in log order, at most
+    /// `limit`; `scanned_to` as for `read`. The outbox dispatcher and replay
+    /// walk the whole log with it.
+    async fn read_log(&self, after: Seq, limit: usize) -> Result<Page, StoreError>;
+
     async fn bounds(&self) -> Result<Bounds, StoreError>;
 
     /// Removes what retention no longer covers; returns the number of events removed.
@@ -129,18 +188,52 @@ pub trait Store: Send + Sync + 'static {
 
     /// Finishes in-flight appends and closes. Appends after this fail with `Closed`.
     async fn close(&self);
+}
 
-    // ---- Outbound webhooks (`deliver`) --------------------------------------
-    // Types and invariants: `store::outbound`. Writes the API acknowledges
-    // (endpoints, replays) are durable before they return, like `append`.
-    // Claims, attempt results and the dispatcher's pages may skip their own
-    // sync: losing them in a crash only repeats deliveries (at least once).
+/// Inbound webhooks: the inspector's record (see `crate::ingest`).
+///
+/// Every delivery to `POST /webhooks/{source}` is recorded: its headers,
+/// its raw body and the verdict. What every implementation keeps:
+/// - an accepted delivery is recorded in the same transaction as its
+///   message (`append_webhook`): there is never an event without its
+///   record, nor a record of an accepted delivery without its events;
+/// - a record of an accepted, new message lives as long as the message's
+///   first event: `prune` removes it together with that event;
+/// - records of refused deliveries and of duplicates have no event to
+///   live with: only the newest `INBOUND_CAPPED_KEEP` of them are kept
+///   (enforced on every insert), so they cannot fill the disk;
+/// - record ids are strictly increasing and never reused.
+#[async_trait]
+pub trait InboundLog: Send + Sync + 'static {
+    /// Appends one webhook message exactly like `append(vec![message])` (same
+    /// dedupe, same durability, same commit feed) and, in the same
+    /// transaction, records the delivery as accepted, linked to the
+    /// message's events — or, for a duplicate, to the first stored seq.
+    async fn append_webhook(
+        &self,
+        message: NewMessage,
+        inbound: NewInbound,
+    ) -> Result<(Appended, InboundId), StoreError>;
 
-    /// Events of every channel with seq > `after`, in log order, at most
-    /// `limit`; `scanned_to` as for `read`. The outbox dispatcher and replay
-    /// walk the whole log with it.
-    async fn read_log(&self, after: Seq, limit: usize) -> Result<Page, StoreError>;
+    /// Records a refused delivery (`inbound.reason` is set). Stores no event.
+    async fn record_rejected(&self, inbound: NewInbound) -> Result<InboundId, StoreError>;
 
+    /// Records matching `filter`, newest first, without headers and body.
+    async fn list_inbound(&self, filter: InboundFilter) -> Result<Vec<InboundRecord>, StoreError>;
+
+    /// One record with its headers and raw body; `None` if there is no such
+    /// record (any more).
+    async fn get_inbound(&self, id: InboundId) -> Result<Option<InboundRecord>, StoreError>;
+}
+
+/// Outbound webhooks (`deliver`): endpoints, the delivery queue, attempts
+/// and the outbox cursor. Types and invariants: `store::outbound`. Writes
+/// the API acknowledges (endpoints, replays) are durable before they
+/// return, like `append`. Claims, attempt results and the dispatcher's
+/// pages may skip their own sync: losing them in a crash only repeats
+/// deliveries (at least once).
+#[async_trait]
+pub trait OutboundQueue: Send + Sync + 'static {
     /// Stores a new endpoint; `from_seq` is the log's head at that moment.
     async fn create_endpoint(&self, endpoint: NewEndpoint) -> Result<Endpoint, StoreError>;
 
@@ -202,41 +295,13 @@ pub trait Store: Send + Sync + 'static {
     /// Removes finished deliveries and attempts older than `before_ms`;
     /// returns how many rows went.
     async fn prune_deliveries(&self, before_ms: i64) -> Result<u64, StoreError>;
-
-    // ─── Inbound webhooks: the inspector's record (see `crate::ingest`) ───
-    //
-    // Every delivery to `POST /webhooks/{source}` is recorded: its headers,
-    // its raw body and the verdict. What every implementation keeps:
-    // - an accepted delivery is recorded in the same transaction as its
-    //   message (`append_webhook`): there is never an event without its
-    //   record, nor a record of an accepted delivery without its events;
-    // - a record of an accepted, new message lives as long as the message's
-    //   first event: `prune` removes it together with that event;
-    // - records of refused deliveries and of duplicates have no event to
-    //   live with: only the newest `INBOUND_CAPPED_KEEP` of them are kept
-    //   (enforced on every insert), so they cannot fill the disk;
-    // - record ids are strictly increasing and never reused.
-
-    /// Appends one webhook message exactly like `append(vec![message])` (same
-    /// dedupe, same durability, same commit feed) and, in the same
-    /// transaction, records the delivery as accepted, linked to the
-    /// message's events — or, for a duplicate, to the first stored seq.
-    async fn append_webhook(
-        &self,
-        message: NewMessage,
-        inbound: NewInbound,
-    ) -> Result<(Appended, InboundId), StoreError>;
-
-    /// Records a refused delivery (`inbound.reason` is set). Stores no event.
-    async fn record_rejected(&self, inbound: NewInbound) -> Result<InboundId, StoreError>;
-
-    /// Records matching `filter`, newest first, without headers and body.
-    async fn list_inbound(&self, filter: InboundFilter) -> Result<Vec<InboundRecord>, StoreError>;
-
-    /// One record with its headers and raw body; `None` if there is no such
-    /// record (any more).
-    async fn get_inbound(&self, id: InboundId) -> Result<Option<InboundRecord>, StoreError>;
 }
+
+/// The whole store behind one handle (`Arc<dyn Store>`): every backend is
+/// all three, and every method of the three is callable on `dyn Store`.
+pub trait Store: EventLog + InboundLog + OutboundQueue {}
+
+impl<T: EventLog + InboundLog + OutboundQueue + ?Sized> Store for T {}
 
 /// Id of an inbound record: strictly increasing, never reused.
 pub type InboundId = i64;
@@ -330,12 +395,12 @@ pub async fn open(
         let (store, feed) =
             tokio::spawn(async move { postgres::PostgresStore::open(&url, pool_size).await })
                 .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+                .map_err(StoreError::internal)??;
         Ok((Arc::new(store), feed))
     } else {
-        Err(StoreError::Unavailable(format!(
+        Err(StoreError::internal(format!(
             "unsupported store url `{}`",
-            config.url
+            redacted_url(&config.url)
         )))
     }
 }
@@ -415,6 +480,16 @@ pub fn parse_cursor(text: &str, tag: &str, bounds: Bounds) -> Resume {
 
 pub use crate::channel::valid_channel;
 pub use crate::clock::now_ms;
+
+/// Six lowercase base-36 characters: enough to tell logs apart, short on the wire.
+pub fn random_tag() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::rng();
+    (0..6)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
 
 #[cfg(test)]
 mod tests {
