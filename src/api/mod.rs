@@ -233,11 +233,18 @@ pub fn parse_limit(value: Option<&str>, default: usize, max: usize) -> Result<us
     }
 }
 
+/// Marks a response whose failed check its handler already counted (it had
+/// to know the verdict before writing anything), so it is not counted twice.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckCounted;
+
 /// Counts failed key, token and signature checks (every 401 and 403) per
 /// client address; past `limits.invalid_per_client` per second they are
 /// answered 429 instead. It runs after the handler and never touches a
 /// response that passed its checks, so a valid webhook is never refused for
-/// rate, whatever else its address sends.
+/// rate, whatever else its address sends. Handlers that count for
+/// themselves (webhooks, before recording a refusal) mark the response
+/// `CheckCounted`.
 async fn limit_failed_checks(
     State(app): State<Arc<AppState>>,
     req: Request,
@@ -245,6 +252,9 @@ async fn limit_failed_checks(
 ) -> Response {
     let client = client_ip(req.extensions());
     let resp = next.run(req).await;
+    if resp.extensions().get::<CheckCounted>().is_some() {
+        return resp;
+    }
     if let Some(ip) = client
         && let Some(limited) = policy::after_check(&app.limits, ip, resp.status())
     {

@@ -9,7 +9,11 @@
 //! - every delivery is recorded for the inspector: accepted ones in the same
 //!   transaction as their events, refused ones in a table capped by count;
 //! - a valid signature is never rate-limited: only refusals answered 401
-//!   count toward `limits.invalid_per_client` (see `api::limit_failed_checks`);
+//!   count toward `limits.invalid_per_client`. They are counted here, before
+//!   anything is written: one past the budget is answered 429 and not
+//!   recorded, so a flood of bad signatures costs no writes;
+//! - a refusal's record keeps at most `REJECTED_BODY_KEEP` of its body (the
+//!   inspector shows `body_truncated` and the full `size`);
 //! - a source nobody can verify (`kind = "none"`) is throttled per client
 //!   before anything is read: each delivery counts against the same
 //!   `limits.invalid_per_client` budget (`Limits::check_unverified`).
@@ -20,13 +24,17 @@ use axum::Json;
 use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http::HeaderMap;
+use http::{HeaderMap, StatusCode};
 use serde_json::json;
 
-use super::{BodyError, client_ip, read_body};
+use super::{BodyError, CheckCounted, client_ip, read_body};
 use crate::AppState;
 use crate::error::ApiError;
 use crate::ingest::refused_record;
+
+/// What the record of a refused delivery keeps of its body: enough to see
+/// what was sent, not a way to fill the disk at `max_body` per request.
+pub const REJECTED_BODY_KEEP: usize = 64 << 10;
 
 /// `POST /webhooks/{source}`.
 pub async fn receive(
@@ -48,6 +56,7 @@ async fn receive_inner(
     req: Request,
 ) -> Result<Response, ApiError> {
     let headers = req.headers().clone();
+    let client = client_ip(req.extensions());
     let Some(source) = app.sources.get(name).cloned() else {
         let shown: String = name.chars().filter(|c| !c.is_control()).take(64).collect();
         let err = ApiError::not_found(
@@ -58,7 +67,7 @@ async fn receive_inner(
         return Err(err);
     };
     if source.is_unsigned()
-        && let Some(ip) = client_ip(req.extensions())
+        && let Some(ip) = client
     {
         app.limits.check_unverified(ip)?;
     }
@@ -80,9 +89,7 @@ async fn receive_inner(
         Ok(a) => a,
         Err(rejection) => {
             let err = ApiError::from(rejection);
-            let size = body.len() as u64;
-            reject(app, &source.name, &headers, body, size, &err).await;
-            return Err(err);
+            return Ok(refuse(app, &source.name, &headers, body, client, err).await);
         }
     };
 
@@ -108,6 +115,37 @@ async fn receive_inner(
         "duplicate": appended.duplicate,
     }))
     .into_response())
+}
+
+/// Answers a delivery its verifier refused. A failed check (401/403) is
+/// counted against `limits.invalid_per_client` first: past the budget the
+/// answer is 429 and nothing is written. Otherwise the refusal is recorded
+/// with at most `REJECTED_BODY_KEEP` of its body.
+async fn refuse(
+    app: &AppState,
+    source: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+    client: Option<std::net::IpAddr>,
+    err: ApiError,
+) -> Response {
+    let failed_check = matches!(err.status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN);
+    if let Some(ip) = client
+        && let Some(limited) = crate::transport::policy::after_check(&app.limits, ip, err.status)
+    {
+        app.metrics.webhooks_rejected.increment(1);
+        return counted(limited.into_response());
+    }
+    let size = body.len() as u64;
+    let kept = body.slice(..body.len().min(REJECTED_BODY_KEEP));
+    reject(app, source, headers, kept, size, &err).await;
+    let resp = err.into_response();
+    if failed_check { counted(resp) } else { resp }
+}
+
+fn counted(mut resp: Response) -> Response {
+    resp.extensions_mut().insert(CheckCounted);
+    resp
 }
 
 /// Records a refusal for the inspector. A store failure here is logged, not

@@ -577,3 +577,108 @@ async fn json_routes_refuse_other_content_types_in_every_mode() {
     let (status, v) = crate::ingest::post(&s, "/webhooks/stripe", &headers, body).await;
     assert_eq!(status, 200, "{v}");
 }
+
+// ─── item 6: refusals are limited before they are written ──────────────────
+
+async fn rejected_records(s: &TestServer) -> Vec<Value> {
+    let v: Value = s
+        .client
+        .get(s.url("/v1/inbound?status=rejected&limit=500"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["inbound"].as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limited_refusals_are_not_recorded_and_records_keep_64_kib() {
+    let s = TestServer::with(|c| {
+        c.limits.invalid_per_client = 5;
+        c.sources.push(source("stripe"));
+    })
+    .await;
+    // The reproduction: 60 bad-signature posts.
+    let wrong = "whsec_d3Jvbmctc2VjcmV0";
+    let body = payload("evt_bad", Some("1"));
+    let bad = sign(
+        "stripe",
+        wrong,
+        body.as_bytes(),
+        pushgate::auth::unix_now() as i64,
+        "",
+    );
+    let (mut refused, mut limited) = (0, 0);
+    for _ in 0..60 {
+        let (status, v) = crate::ingest::post(&s, "/webhooks/stripe", &bad, body.clone()).await;
+        match status {
+            401 => refused += 1,
+            429 => {
+                assert_eq!(v["error"]["code"], "rate_limited");
+                limited += 1;
+            }
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    assert!(limited > 0, "the limiter answered some: {refused} x 401");
+    let records = rejected_records(&s).await;
+    assert_eq!(
+        records.len(),
+        refused,
+        "only the 401s are recorded ({limited} x 429)"
+    );
+    assert!(records.iter().all(|r| r["reason"] == "invalid_signature"));
+
+    // Positive control: a valid delivery right after is accepted.
+    let good = payload("evt_good", Some("1"));
+    let headers = sign(
+        "stripe",
+        SECRET,
+        good.as_bytes(),
+        pushgate::auth::unix_now() as i64,
+        "",
+    );
+    let (status, v) = crate::ingest::post(&s, "/webhooks/stripe", &headers, good).await;
+    assert_eq!(status, 200, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_record_keeps_the_first_64_kib() {
+    let s = TestServer::with(|c| c.sources.push(source("stripe"))).await;
+    let wrong = "whsec_d3Jvbmctc2VjcmV0";
+    let now = pushgate::auth::unix_now() as i64;
+    let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(100_000));
+    let small = "{\"pad\":\"x\"}".to_string();
+    for body in [&big, &small] {
+        let h = sign("stripe", wrong, body.as_bytes(), now, "");
+        let (status, _) = crate::ingest::post(&s, "/webhooks/stripe", &h, body.clone()).await;
+        assert_eq!(status, 401);
+    }
+    let records = rejected_records(&s).await;
+    assert_eq!(records.len(), 2);
+    let one = |id: &Value| {
+        let url = s.url(&format!("/v1/inbound/{}", id.as_str().unwrap()));
+        let client = s.client.clone();
+        async move {
+            client
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    // Newest first: the small one is kept whole (the control)...
+    let small_record = one(&records[0]["id"]).await;
+    assert_eq!(small_record["body"], small.as_str());
+    assert_eq!(small_record["body_truncated"], false);
+    // ...the big one is cut at 64 KiB and says so.
+    let big_record = one(&records[1]["id"]).await;
+    assert_eq!(big_record["size"], big.len());
+    assert_eq!(big_record["body_truncated"], true);
+    assert_eq!(big_record["body"].as_str().unwrap().len(), 64 << 10);
+}
