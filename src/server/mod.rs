@@ -187,14 +187,14 @@ where
             None => {
                 tokio::spawn(async move {
                     let _slot = slot;
-                    match sse_h1::sniff(&stream, handshake_timeout).await {
+                    let stream = match sse_h1::sniff(stream, handshake_timeout).await {
                         sse_h1::Sniffed::Nothing => return,
-                        sse_h1::Sniffed::SseHead(head_len) => {
-                            sse_h1::serve(app, stream, peer, &trusted_h1, head_len).await;
+                        sse_h1::Sniffed::SseHead(stream, head) => {
+                            sse_h1::serve(app, stream, peer, &trusted_h1, head).await;
                             return;
                         }
-                        sse_h1::Sniffed::Other => {}
-                    }
+                        sse_h1::Sniffed::Other(stream) => stream,
+                    };
                     let conn =
                         builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     let _ = watcher.watch(conn.into_owned()).await;

@@ -8,8 +8,11 @@
 //! (`transport::sse::open`), writes the response head, and then writes each
 //! chunk the body yields straight to the socket (one vectored write per
 //! chunk). Invariants:
-//! - it only ever sees plain-text HTTP/1.x GETs of `/v1/stream`; anything it
-//!   does not recognise is left unread for hyper;
+//! - it only ever serves plain-text HTTP/1.x GETs of `/v1/stream` with CRLF
+//!   heads; anything else goes to hyper with the bytes read so far replayed
+//!   first (`Prefixed`), so hyper sees the connection from its start;
+//! - the head is read as it arrives, waiting on readability (no timer), and
+//!   each read's new bytes are scanned once;
 //! - errors, CORS, failed-check accounting and the request span are the
 //!   router's own (`transport::policy`), so both paths answer alike;
 //! - a client that closes is noticed while the stream is idle (read readiness
@@ -27,7 +30,7 @@ use bytes::{Buf, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body::Body as _;
 use ipnet::IpNet;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
@@ -43,41 +46,149 @@ const MAX_HEADERS: usize = 64;
 pub enum Sniffed {
     /// The client said nothing in time, or went away.
     Nothing,
-    /// A complete `GET /v1/stream` head of this many bytes is waiting.
-    SseHead(usize),
-    /// Anything else: hand the untouched connection to hyper.
-    Other,
+    /// A complete `GET /v1/stream` head (with CRLF line endings): these bytes.
+    SseHead(TcpStream, Vec<u8>),
+    /// Anything else: hand the connection to hyper, these bytes first.
+    Other(Prefixed),
 }
 
-/// Looks at the first bytes without consuming them.
-pub async fn sniff(stream: &TcpStream, timeout: Duration) -> Sniffed {
+/// Reads the start of a connection as it arrives until it can tell a
+/// `GET /v1/stream` head from anything else. It sleeps on the socket's
+/// readability between reads (no polling timer), and only scans the bytes
+/// that are new. A head with bare LF line endings goes to hyper, which
+/// answers it; so does anything longer than `MAX_HEAD` (431).
+pub async fn sniff(stream: TcpStream, timeout: Duration) -> Sniffed {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = vec![0u8; MAX_HEAD];
+    let mut buf: Vec<u8> = Vec::new();
+    let mut scanned = 0;
     loop {
-        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => n,
+        match tokio::time::timeout_at(deadline, stream.readable()).await {
+            Ok(Ok(())) => {}
             _ => return Sniffed::Nothing,
-        };
-        let seen = &buf[..n];
+        }
+        buf.reserve((MAX_HEAD + 1).saturating_sub(buf.len()).min(4096));
+        match stream.try_read_buf(&mut buf) {
+            Ok(0) => return Sniffed::Nothing,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return Sniffed::Nothing,
+        }
+        let n = buf.len();
         let common = n.min(PREFIX.len());
-        if seen[..common] != PREFIX[..common] {
-            return Sniffed::Other;
+        let other = buf[..common] != PREFIX[..common]
+            || (n > PREFIX.len() && !matches!(buf[PREFIX.len()], b'?' | b' '));
+        if other {
+            return Sniffed::Other(Prefixed::new(buf, stream));
         }
-        if n > PREFIX.len() && !matches!(seen[PREFIX.len()], b'?' | b' ') {
-            return Sniffed::Other;
+        if let Some(end) = head_end(&buf, scanned) {
+            let head = &buf[..end];
+            let bare_lf = head
+                .iter()
+                .enumerate()
+                .any(|(i, b)| *b == b'\n' && (i == 0 || head[i - 1] != b'\r'));
+            if bare_lf {
+                return Sniffed::Other(Prefixed::new(buf, stream));
+            }
+            // Bytes after the head (a stream's client has nothing to say)
+            // are dropped with the rest of what it sends.
+            buf.truncate(end);
+            return Sniffed::SseHead(stream, buf);
         }
-        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-            return Sniffed::SseHead(end + 4);
+        if n > MAX_HEAD {
+            return Sniffed::Other(Prefixed::new(buf, stream));
         }
-        if n == buf.len() {
-            return Sniffed::Other;
-        }
-        // Part of a head: wait for the rest (bounded by the deadline).
-        if tokio::time::Instant::now() >= deadline {
-            return Sniffed::Nothing;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // An end marker may straddle this read and the next.
+        scanned = n.saturating_sub(3);
     }
+}
+
+/// A connection whose first bytes were already read by `sniff`: they are
+/// read again first, so hyper sees the connection from its start.
+pub struct Prefixed {
+    prefix: Bytes,
+    inner: TcpStream,
+}
+
+impl Prefixed {
+    fn new(prefix: Vec<u8>, inner: TcpStream) -> Prefixed {
+        Prefixed {
+            prefix: prefix.into(),
+            inner,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = buf.remaining().min(self.prefix.len());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                self.prefix = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The length of the head (through its blank line, `\r\n` or bare `\n`
+/// endings alike) if `seen` holds all of it; only `seen[from..]` is new.
+fn head_end(seen: &[u8], from: usize) -> Option<usize> {
+    let start = from.min(seen.len());
+    let mut i = start;
+    while let Some(off) = seen[i..].iter().position(|b| *b == b'\n') {
+        let at = i + off;
+        // A line feed followed by an empty line ends the head.
+        match seen.get(at + 1..) {
+            Some([b'\n', ..]) => return Some(at + 2),
+            Some([b'\r', b'\n', ..]) => return Some(at + 3),
+            _ => {}
+        }
+        i = at + 1;
+    }
+    None
 }
 
 struct Head {
@@ -122,12 +233,8 @@ pub async fn serve(
     mut stream: TcpStream,
     peer: SocketAddr,
     trusted_proxies: &[IpNet],
-    head_len: usize,
+    raw: Vec<u8>,
 ) {
-    let mut raw = vec![0u8; head_len];
-    if stream.read_exact(&mut raw).await.is_err() {
-        return;
-    }
     let Some(head) = parse_head(&raw) else {
         let e = ApiError::bad_request("invalid_request", "malformed request head");
         let _ = write_error(&mut stream, &policy::Cors::Deny, e).await;
@@ -283,5 +390,29 @@ fn push_cors(cors: &policy::Cors, head: &mut String) {
         if let Ok(v) = value.to_str() {
             head.push_str(&format!("{name}: {v}\r\n"));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_end_with_either_line_ending_and_only_new_bytes_scanned() {
+        let crlf = b"GET /v1/stream?channel=a HTTP/1.1\r\nhost: x\r\n\r\nextra";
+        assert_eq!(head_end(crlf, 0), Some(crlf.len() - 5));
+        let lf = b"GET /v1/stream?channel=a HTTP/1.1\nhost: x\n\n";
+        assert_eq!(head_end(lf, 0), Some(lf.len()));
+        let mixed = b"GET /v1/stream HTTP/1.1\nhost: x\n\r\n";
+        assert_eq!(head_end(mixed, 0), Some(mixed.len()));
+        // Incomplete heads, and a marker that straddles two looks.
+        assert_eq!(head_end(b"GET /v1/stream HTTP/1.1\r\nhost: x\r\n", 0), None);
+        let whole = b"GET /v1/stream HTTP/1.1\r\nhost: x\r\n\r\n";
+        let first_look = whole.len() - 2;
+        assert_eq!(head_end(&whole[..first_look], 0), None);
+        assert_eq!(
+            head_end(whole, first_look.saturating_sub(3)),
+            Some(whole.len())
+        );
     }
 }

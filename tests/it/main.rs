@@ -14,6 +14,7 @@ mod multinode;
 mod nonreader;
 mod pg;
 mod pg_store;
+mod sniff;
 mod sqlite_store;
 mod store_suite;
 mod webhooks;
