@@ -3,12 +3,14 @@
 //!
 //! Data flows through the modules in this order: `server` → `api` →
 //! `ingest` / `message` → `store` (the log, the truth) → `hub` (in-memory
-//! fan-out and wake-up) → `transport` (SSE, WebSocket, polling: framing) and
-//! `deliver` (outbound webhooks, reading the log itself). `serve` wires them
+//! fan-out and wake-up; `envelope`: each event encoded once) → `feed` (one
+//! subscription: history then live, exactly once) → `transport` (SSE,
+//! WebSocket, polling: framing only); and `deliver` (outbound webhooks,
+//! reading the log itself). `serve` wires them
 //! together; `main` and the integration tests both call it.
 //!
-//! Imports only point down: domain modules (store, hub, ingest, deliver,
-//! auth, limits, config, channel, message, clock) never import `api`,
+//! Imports only point down: domain modules (store, hub, feed, envelope,
+//! ingest, deliver, auth, limits, config, channel, message, clock) never import `api`,
 //! `server`, `transport`, `state` or `error` (`tests/layers.rs` enforces it;
 //! docs/architecture.md draws the layers).
 

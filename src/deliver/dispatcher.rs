@@ -13,7 +13,7 @@ use bytes::Bytes;
 
 use super::{Deliverer, MAX_ERROR_BACKOFF, Matcher, message_id};
 use crate::clock::now_ms;
-use crate::hub::EncodedEvent;
+use crate::envelope::EncodedEvent;
 use crate::store::{Endpoint, Event, NewDelivery, OutboxAdvance, Seq, StoreError, format_cursor};
 
 /// Events the dispatcher reads per transaction.
