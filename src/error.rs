@@ -219,10 +219,9 @@ mod tests {
             (e.status, e.code, e.retry_after),
             (StatusCode::TOO_MANY_REQUESTS, "too_many_streams", Some(5))
         );
-        assert!(
-            e.message.contains("already has 4 open streams"),
-            "{}",
-            e.message
+        assert_eq!(
+            e.message,
+            "this address already has 4 open streams (limits.streams_per_client); close one first"
         );
         let e = ApiError::from(LimitError::BatchTooLarge {
             events: 9,
