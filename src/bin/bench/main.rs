@@ -13,7 +13,9 @@
 //!   pushgate-bench pg      --url postgres://postgres@127.0.0.1:5432/postgres --nodes 1,3 --publishers 64
 //!   pushgate-bench ws-idle   --target pushgate|nchan --conns 10000
 //!   pushgate-bench ws-fanout --target pushgate|nchan --subs 10000 --events 50
+//!   pushgate-bench attack slowbody|slowloris|heads|nonreader|badsig [--conns N] [--seconds 20] (see docs/security.md)
 
+mod attack;
 mod deliver;
 mod fanout;
 mod pg;
@@ -43,9 +45,10 @@ fn main() {
             m @ ("ws-idle" | "ws-fanout") => ws::run(m, &opts).await,
             "webhooks" => webhooks::webhooks(&opts).await,
             "pg" => pg::pg(&opts).await,
+            "attack" => attack::attack(&opts).await,
             _ => {
                 eprintln!(
-                    "usage: pushgate-bench idle|fanout|publish|sqlite-baseline|pg|webhooks|deliver|ws-idle|ws-fanout [--key value]…  (see docs/benchmarks.md)"
+                    "usage: pushgate-bench idle|fanout|publish|sqlite-baseline|pg|webhooks|deliver|ws-idle|ws-fanout|attack [--key value]…  (see docs/benchmarks.md)"
                 );
                 std::process::exit(2);
             }
@@ -74,6 +77,9 @@ impl Opts {
                     _ => "true".to_string(),
                 };
                 map.insert(k.to_string(), v);
+            } else {
+                // A bare word names the variant (`attack slowbody`).
+                map.entry("kind".to_string()).or_insert(a);
             }
         }
         Opts(map)

@@ -47,7 +47,12 @@ impl Target {
                     .stdout(Stdio::null())
                     .stderr(Stdio::inherit());
                 for (k, v) in extra_env {
-                    cmd.env(k, v);
+                    // An empty value removes the variable (the server's default).
+                    if v.is_empty() {
+                        cmd.env_remove(k);
+                    } else {
+                        cmd.env(k, v);
+                    }
                 }
                 let child = cmd.spawn().map_err(|e| format!("{bin}: {e}"))?;
                 let pids = vec![child.id()];
