@@ -283,6 +283,26 @@ pub const LEEWAY_SECS: u64 = 5;
 const MIN_SECRET_LEN: usize = 32;
 
 impl Auth {
+    /// Whose idempotency keys a publisher's are (`store::NewMessage::key_scope`):
+    /// a key suppresses only its own publisher's repeats. A publish or admin
+    /// key is named by a digest of its digest (stable across restarts and
+    /// reordering, and not the digest `Auth` compares); a token by its
+    /// `sub`; development mode has one publisher, scope `""`.
+    pub fn idempotency_scope(&self, publisher: &Publisher) -> String {
+        let key = |kind: &str, d: Option<&[u8; 32]>| {
+            let mut h = Sha256::new();
+            h.update(b"pushgate idempotency scope\0");
+            h.update(d.map_or(&[][..], |d| &d[..]));
+            format!("{kind}:{}", hex::encode(&h.finalize()[..12]))
+        };
+        match publisher {
+            Publisher::Development => String::new(),
+            Publisher::Key(i) => key("key", self.publish_keys.get(*i)),
+            Publisher::Admin(i) => key("admin", self.admin_keys.get(*i)),
+            Publisher::Subject(sub) => format!("sub:{sub}"),
+        }
+    }
+
     /// `cors_origins` is `server.cors_origins`: pages there may use the cookie.
     pub fn new(config: &AuthConfig, cors_origins: &[String]) -> Result<Auth, AuthError> {
         let mut jwt = Vec::new();

@@ -61,6 +61,8 @@ pub fn to_message(
         kind,
         source: source.to_string(),
         source_id: id,
+        // Set by the caller once it knows the publisher.
+        key_scope: String::new(),
         data,
     })
 }

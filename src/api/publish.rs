@@ -81,7 +81,7 @@ pub async fn publish(
             id: parsed.id,
         }],
     };
-    let messages = events
+    let mut messages = events
         .into_iter()
         .map(|e| to_message(e.channel, e.kind, e.data, e.id, "publish"))
         .collect::<Result<Vec<_>, _>>()?;
@@ -89,6 +89,10 @@ pub async fn publish(
     let channels: Vec<&str> = messages.iter().map(|m| m.channels[0].as_str()).collect();
     let publisher = publisher.authorize(&channels)?;
     app.limits.check_publish(&publisher, messages.len())?;
+    let scope = app.auth.idempotency_scope(&publisher);
+    for m in &mut messages {
+        m.key_scope.clone_from(&scope);
+    }
 
     let started = std::time::Instant::now();
     let appended = app.store.append(messages).await?;

@@ -482,6 +482,7 @@ impl Source {
             kind,
             source: self.name.clone(),
             source_id,
+            key_scope: String::new(),
             data: raw,
         };
         let inbound = NewInbound {

@@ -12,8 +12,8 @@
 //! - sequence numbers are assigned inside the write transaction, so log order,
 //!   commit order and visibility order are the same: a reader that has seen
 //!   seq N never later finds a new event below N;
-//! - `(source, source_id)` is unique for `dedupe_window`, enforced by the
-//!   database, and outlives the event's own retention;
+//! - `(source, key_scope, source_id)` is unique for `dedupe_window`,
+//!   enforced by the database, and outlives the event's own retention;
 //! - every committed batch is sent once, in log order, on the commit feed
 //!   that the hub consumes (on a shared log: every batch any node commits).
 
@@ -59,7 +59,14 @@ pub struct NewMessage {
     pub channels: Vec<String>,
     pub kind: String,
     pub source: String,
+    /// The idempotency key (for publishes) or the provider's event id.
     pub source_id: Option<String>,
+    /// Whose key `source_id` is: keys are unique per `(source, key_scope)`.
+    /// Empty for a webhook source (a provider's ids are unique within it);
+    /// the publisher's identity for publishes (`Auth::idempotency_scope`),
+    /// so one publisher can neither suppress another's event nor learn
+    /// whether a key was used.
+    pub key_scope: String,
     pub data: Box<RawValue>,
 }
 

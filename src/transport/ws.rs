@@ -649,7 +649,7 @@ impl Connection {
 
     fn publish(&mut self, op: ClientOp) {
         let reference = op.reference;
-        let message = match to_message(op.channel, op.kind, op.data, op.id, "ws") {
+        let mut message = match to_message(op.channel, op.kind, op.data, op.id, "ws") {
             Ok(m) => m,
             Err(e) => return self.out.push(api_error_frame(e.into(), reference.as_ref())),
         };
@@ -666,6 +666,7 @@ impl Connection {
         if let Err(e) = self.app.limits.check_publish(&publisher, 1) {
             return self.out.push(api_error_frame(e.into(), reference.as_ref()));
         }
+        message.key_scope = self.app.auth.idempotency_scope(&publisher);
         let app = self.app.clone();
         let publishes = self.publishes.get_or_insert_with(FuturesOrdered::new);
         publishes.push_back(Box::pin(async move {

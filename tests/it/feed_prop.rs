@@ -351,6 +351,7 @@ async fn run(plan: Plan) -> Result<(), TestCaseError> {
                     kind: "t".into(),
                     source: format!("writer{w}"),
                     source_id: None,
+                    key_scope: String::new(),
                     data: RawValue::from_string(format!("\"{}\"", "x".repeat(*size))).unwrap(),
                 })
                 .collect();

@@ -8,6 +8,7 @@ mod core;
 mod feed_prop;
 mod fuzz;
 mod hardening;
+mod idempotency;
 mod ingest;
 mod ingest_interop;
 mod multinode;

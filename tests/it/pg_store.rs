@@ -19,6 +19,7 @@ fn msg(channel: &str, id: Option<&str>) -> NewMessage {
         kind: "t".into(),
         source: "publish".into(),
         source_id: id.map(str::to_string),
+        key_scope: String::new(),
         data: RawValue::from_string("{\"n\":1}".into()).unwrap(),
     }
 }

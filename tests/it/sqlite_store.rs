@@ -71,6 +71,21 @@ async fn a_database_made_before_versioning_upgrades_with_its_events_intact() {
     assert_ne!(v["reset"], json!(true));
     assert_eq!(v["events"][0]["id"], format!("2-{tag}"));
 
+    // Keys stored before the upgrade still hold (development mode has one
+    // publisher, whose scope is the one old keys were given).
+    let r: Value = s
+        .client
+        .post(s.url("/v1/publish"))
+        .json(&json!({"channel": "orders", "data": 1, "id": "order-1"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["duplicate"], json!([true]));
+    assert_eq!(r["ids"][0], format!("1-{tag}"));
+
     // The log goes on after its old head, with the same identity.
     let cursor = s.publish("orders", "order.created", json!({"n": 6})).await;
     assert_eq!(cursor, format!("6-{tag}"));

@@ -55,6 +55,7 @@ fn msg(channel: &str, id: Option<&str>) -> NewMessage {
         kind: "t".into(),
         source: "publish".into(),
         source_id: id.map(str::to_string),
+        key_scope: String::new(),
         data: RawValue::from_string("{\"n\":1}".into()).unwrap(),
     }
 }
@@ -735,6 +736,43 @@ pub async fn outbox_cursor_claims_leases_and_attempts(log: Log) {
     store.close().await;
 }
 
+/// Keys are unique per `(source, key_scope)`: another publisher's key
+/// stores its own event, the same publisher's repeat is a duplicate of its
+/// first — in one batch or across batches.
+pub async fn idempotency_keys_are_scoped_to_their_publisher(log: Log) {
+    let (store, _feed) = log.open().await;
+    let scoped = |scope: &str, channel: &str| NewMessage {
+        key_scope: scope.into(),
+        ..msg(channel, Some("order-123"))
+    };
+    let out = store
+        .append(vec![
+            scoped("sub:browser", "chat"),
+            scoped("key:backend", "user"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out[0], appended(vec![1], false));
+    assert_eq!(out[1], appended(vec![2], false), "another publisher's key");
+    let out = store
+        .append(vec![
+            scoped("key:backend", "user"),
+            scoped("", "user"),
+            scoped("", "other"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        out[0],
+        appended(vec![2], true),
+        "the same publisher repeats"
+    );
+    assert_eq!(out[1], appended(vec![3], false));
+    assert_eq!(out[2], appended(vec![3], true), "within one batch too");
+    assert_eq!(store.bounds().await.unwrap().head, 3);
+    store.close().await;
+}
+
 macro_rules! store_suite {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -765,4 +803,5 @@ store_suite!(
     webhook_records_live_with_their_events,
     inbound_refusals_are_capped_by_count,
     outbox_cursor_claims_leases_and_attempts,
+    idempotency_keys_are_scoped_to_their_publisher,
 );

@@ -172,19 +172,21 @@ impl GroupError {
 const READ_STATE: &str = "
 SELECT l.head,
        floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint,
-       k.source, k.source_id, d.first_seq
+       k.source, k.scope, k.source_id, d.first_seq
 FROM log_state l
-LEFT JOIN (UNNEST($1::text[], $2::text[]) AS k(source, source_id)
-           JOIN dedupe d ON d.source = k.source AND d.source_id = k.source_id) ON TRUE";
+LEFT JOIN (UNNEST($1::text[], $2::text[], $3::text[]) AS k(source, scope, source_id)
+           JOIN dedupe d ON d.source = k.source AND d.scope = k.scope
+                        AND d.source_id = k.source_id) ON TRUE";
 
 /// Claims the new dedupe keys, inserts the events, advances the head and
 /// notifies every node — one round trip. The notification is delivered
 /// only if (and when) the transaction commits.
 const WRITE_GROUP: &str = "
 WITH claimed AS (
-    INSERT INTO dedupe (source, source_id, first_seq, time_ms)
-    SELECT s, i, f, $1 FROM UNNEST($2::text[], $3::text[], $4::bigint[]) AS t(s, i, f)
-    ON CONFLICT (source, source_id) DO NOTHING
+    INSERT INTO dedupe (source, scope, source_id, first_seq, time_ms)
+    SELECT s, c, i, f, $1
+    FROM UNNEST($2::text[], $12::text[], $3::text[], $4::bigint[]) AS t(s, c, i, f)
+    ON CONFLICT (source, scope, source_id) DO NOTHING
     RETURNING 1
 ), inserted AS (
     INSERT INTO events (seq, channel, type, source, source_id, time_ms, data)
@@ -214,17 +216,16 @@ async fn append_group(
         top_up(group, rx);
     }
     let requests: Vec<&[NewMessage]> = group.iter().map(|r| r.messages.as_slice()).collect();
-    let mut key_sources: Vec<&str> = Vec::new();
-    let mut key_ids: Vec<&str> = Vec::new();
+    let mut asked = KeyClaims::default();
     for m in requests.iter().flat_map(|r| r.iter()) {
         if let Some(id) = &m.source_id {
-            key_sources.push(&m.source);
-            key_ids.push(id);
+            asked.push(m, id, 0);
         }
     }
     let rows = sqlx::query(READ_STATE)
-        .bind(&key_sources)
-        .bind(&key_ids)
+        .bind(&asked.source)
+        .bind(&asked.scope)
+        .bind(&asked.source_id)
         .fetch_all(&mut *tx)
         .await?;
     let first = rows
@@ -232,26 +233,29 @@ async fn append_group(
         .ok_or_else(|| GroupError::Invariant("log_state has no row".into()))?;
     let head_before: Seq = first.try_get(0)?;
     let now: i64 = first.try_get(1)?;
-    let mut first_seq_of: HashMap<(String, String), Seq> = HashMap::new();
+    let mut first_seq_of: HashMap<(String, String, String), Seq> = HashMap::new();
     for row in &rows {
         let source: Option<String> = row.try_get(2)?;
-        let source_id: Option<String> = row.try_get(3)?;
-        let seq: Option<Seq> = row.try_get(4)?;
-        if let (Some(source), Some(source_id), Some(seq)) = (source, source_id, seq) {
-            first_seq_of.insert((source, source_id), seq);
+        let scope: Option<String> = row.try_get(3)?;
+        let source_id: Option<String> = row.try_get(4)?;
+        let seq: Option<Seq> = row.try_get(5)?;
+        if let (Some(source), Some(scope), Some(source_id), Some(seq)) =
+            (source, scope, source_id, seq)
+        {
+            first_seq_of.insert((source, scope, source_id), seq);
         }
     }
 
     // Assign seqs in request order, exactly as one writer would.
     let mut head = head_before;
-    let mut claims: (Vec<&str>, Vec<&str>, Vec<Seq>) = Default::default();
+    let mut claims = KeyClaims::default();
     let mut ev: EventColumns = Default::default();
     let mut outcomes = Vec::with_capacity(requests.len());
     for request in requests {
         let mut out = Vec::with_capacity(request.len());
         for m in request.iter() {
             if let Some(id) = &m.source_id {
-                let key = (m.source.clone(), id.clone());
+                let key = (m.source.clone(), m.key_scope.clone(), id.clone());
                 if let Some(first) = first_seq_of.get(&key) {
                     out.push(Appended {
                         seqs: vec![*first],
@@ -260,9 +264,7 @@ async fn append_group(
                     continue;
                 }
                 first_seq_of.insert(key, head + 1);
-                claims.0.push(&m.source);
-                claims.1.push(id);
-                claims.2.push(head + 1);
+                claims.push(m, id, head + 1);
             }
             let mut seqs = Vec::with_capacity(m.channels.len());
             for channel in &m.channels {
@@ -279,7 +281,7 @@ async fn append_group(
     }
 
     let records = InboundColumns::accepted(group, &outcomes);
-    let wrote = !(claims.0.is_empty() && ev.seq.is_empty());
+    let wrote = !(claims.source.is_empty() && ev.seq.is_empty());
     if !wrote && records.source.is_empty() {
         // Only duplicates: nothing to write. Rolling back releases the lock.
         tx.rollback().await?;
@@ -304,15 +306,15 @@ async fn append_group(
 async fn write_events(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     now: i64,
-    claims: &(Vec<&str>, Vec<&str>, Vec<Seq>),
+    claims: &KeyClaims<'_>,
     ev: &EventColumns<'_>,
     head: Seq,
 ) -> Result<(), GroupError> {
     let claimed: i64 = sqlx::query(WRITE_GROUP)
         .bind(now)
-        .bind(&claims.0)
-        .bind(&claims.1)
-        .bind(&claims.2)
+        .bind(&claims.source)
+        .bind(&claims.source_id)
+        .bind(&claims.first_seq)
         .bind(&ev.seq)
         .bind(&ev.channel)
         .bind(&ev.kind)
@@ -320,23 +322,41 @@ async fn write_events(
         .bind(&ev.source_id)
         .bind(&ev.data)
         .bind(head)
+        .bind(&claims.scope)
         .fetch_one(&mut **tx)
         .await?
         .try_get(0)?;
-    if claimed != claims.0.len() as i64 {
+    if claimed != claims.source.len() as i64 {
         // Every writer of `dedupe` holds the append lock, so this cannot
         // happen; if it ever does, the unique key has the last word and
         // nothing is committed.
         return Err(GroupError::Invariant(format!(
             "dedupe: claimed {claimed} of {} new keys",
-            claims.0.len()
+            claims.source.len()
         )));
     }
     Ok(())
 }
 
-/// Inspector records, column by column, for `UNNEST`.
+/// Dedupe keys, column by column, for `UNNEST`.
+#[derive(Default)]
+struct KeyClaims<'a> {
+    source: Vec<&'a str>,
+    scope: Vec<&'a str>,
+    source_id: Vec<&'a str>,
+    first_seq: Vec<Seq>,
+}
 
+impl<'a> KeyClaims<'a> {
+    fn push(&mut self, m: &'a NewMessage, id: &'a str, first_seq: Seq) {
+        self.source.push(&m.source);
+        self.scope.push(&m.key_scope);
+        self.source_id.push(id);
+        self.first_seq.push(first_seq);
+    }
+}
+
+/// The events of one group, column by column, for `UNNEST`.
 #[derive(Default)]
 struct EventColumns<'a> {
     seq: Vec<Seq>,

@@ -87,11 +87,13 @@ pub(super) fn append_messages(
     committed: &mut Vec<Event>,
 ) -> rusqlite::Result<Vec<Appended>> {
     let mut claim = conn.prepare_cached(
-        "INSERT INTO dedupe (source, source_id, first_seq, time_ms) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (source, source_id) DO NOTHING",
+        "INSERT INTO dedupe (source, scope, source_id, first_seq, time_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (source, scope, source_id) DO NOTHING",
     )?;
-    let mut first_of =
-        conn.prepare_cached("SELECT first_seq FROM dedupe WHERE source = ?1 AND source_id = ?2")?;
+    let mut first_of = conn.prepare_cached(
+        "SELECT first_seq FROM dedupe WHERE source = ?1 AND scope = ?2 AND source_id = ?3",
+    )?;
     let mut insert = conn.prepare_cached(
         "INSERT INTO events (seq, channel, type, source, source_id, time_ms, data)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -102,8 +104,9 @@ pub(super) fn append_messages(
         if let Some(id) = &m.source_id {
             // The unique key decides, not a prior read: a second copy can
             // never slip in between a check and an insert.
-            if claim.execute(params![m.source, id, first_seq, now])? == 0 {
-                let first: Seq = first_of.query_row(params![m.source, id], |r| r.get(0))?;
+            if claim.execute(params![m.source, m.key_scope, id, first_seq, now])? == 0 {
+                let first: Seq =
+                    first_of.query_row(params![m.source, m.key_scope, id], |r| r.get(0))?;
                 out.push(Appended {
                     seqs: vec![first],
                     duplicate: true,

@@ -12,10 +12,16 @@ use rusqlite::{Connection, TransactionBehavior};
 use crate::store::StoreError;
 
 /// `(version, SQL)`, in order, starting at 1 with no gap.
-const MIGRATIONS: &[(u32, &str)] = &[(
-    1,
-    include_str!("../../../migrations/sqlite/0001_initial.sql"),
-)];
+const MIGRATIONS: &[(u32, &str)] = &[
+    (
+        1,
+        include_str!("../../../migrations/sqlite/0001_initial.sql"),
+    ),
+    (
+        2,
+        include_str!("../../../migrations/sqlite/0002_dedupe_scope.sql"),
+    ),
+];
 
 /// The version this build writes.
 pub(crate) const LATEST: u32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
