@@ -595,6 +595,9 @@ impl Connection {
             "op": "subscribed", "channels": channels, "cursor": at, "ref": reference,
         })));
         // A reset, if the cursor could not be honoured, is the feed's first item.
+        // Most connections hold one subscription: room for exactly the
+        // next one, not the four a first `push` would make.
+        self.subs.reserve_exact(1);
         self.subs.push(ChannelSub { feed, reference });
     }
 
