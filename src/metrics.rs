@@ -29,6 +29,10 @@ pub struct Metrics {
     pub webhooks_accepted: Counter,
     pub webhooks_duplicate: Counter,
     pub webhooks_rejected: Counter,
+    /// Outbound deliveries pending, and how overdue the earliest is; set
+    /// from the store when `/metrics` is read.
+    pub webhook_queue_depth: Gauge,
+    pub webhook_queue_oldest_due_seconds: Gauge,
 }
 
 const META: Metadata<'static> = Metadata::new("pushgate", metrics::Level::INFO, None);
@@ -76,6 +80,12 @@ impl Metrics {
             webhooks_accepted: counter("pushgate_webhooks_total", &[("result", "accepted")]),
             webhooks_duplicate: counter("pushgate_webhooks_total", &[("result", "duplicate")]),
             webhooks_rejected: counter("pushgate_webhooks_total", &[("result", "rejected")]),
+            webhook_queue_depth: recorder
+                .register_gauge(&Key::from_name("pushgate_webhook_queue_depth"), &META),
+            webhook_queue_oldest_due_seconds: recorder.register_gauge(
+                &Key::from_name("pushgate_webhook_queue_oldest_due_seconds"),
+                &META,
+            ),
             append_seconds: recorder
                 .register_histogram(&Key::from_name("pushgate_append_seconds"), &META),
             streams_sse: gauge("pushgate_open_streams", "sse"),

@@ -298,6 +298,17 @@ async fn readyz(State(app): State<Arc<AppState>>) -> Result<&'static str, ApiErr
 }
 
 async fn render_metrics(State(app): State<Arc<AppState>>) -> Response {
+    // The outbound queue as it is now (a backlog lives in the store, not in
+    // memory); a store that does not answer leaves the last values.
+    if let Ok(q) = app.store.queue_stats().await {
+        app.metrics.webhook_queue_depth.set(q.depth as f64);
+        let overdue_ms = q
+            .first_due_ms
+            .map_or(0, |due| crate::clock::now_ms().saturating_sub(due).max(0));
+        app.metrics
+            .webhook_queue_oldest_due_seconds
+            .set(overdue_ms as f64 / 1000.0);
+    }
     let mut resp = app.metrics.render().into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 pub use outbound::{
     AttemptOutcome, AttemptStatus, AttemptView, ClaimWant, Claimed, Delivery, Endpoint,
     EndpointPatch, EndpointSecret, Health, NewDelivery, NewEndpoint, NextStep, OutboxAdvance,
-    SecretRotation,
+    QueueStats, SecretRotation,
 };
 
 /// Position of an event in the log. Never reused, strictly increasing.
@@ -302,6 +302,10 @@ pub trait OutboundQueue: Send + Sync + 'static {
     /// Removes finished deliveries and attempts older than `before_ms`;
     /// returns how many rows went.
     async fn prune_deliveries(&self, before_ms: i64) -> Result<u64, StoreError>;
+
+    /// How much work is queued (for `/metrics`): a burst that outruns
+    /// delivery shows here, not in memory. Costs a read of the due work only.
+    async fn queue_stats(&self) -> Result<QueueStats, StoreError>;
 }
 
 /// The whole store behind one handle (`Arc<dyn Store>`): every backend is

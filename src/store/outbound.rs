@@ -230,6 +230,15 @@ pub struct AttemptOutcome {
     pub health: Health,
 }
 
+/// The delivery queue at a glance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Pending deliveries (due, leased or waiting for a retry).
+    pub depth: u64,
+    /// The earliest due time among them (a lease's end for a leased one).
+    pub first_due_ms: Option<i64>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttemptStatus {
     Succeeded,

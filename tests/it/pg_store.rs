@@ -502,3 +502,94 @@ async fn two_dispatchers_advance_the_outbox_cursor_once() {
     a.close().await;
     b.close().await;
 }
+
+async fn due(c: &mut sqlx::PgConnection) -> Vec<(i64, i64)> {
+    sqlx::query_as("SELECT delivery_id, next_ms FROM deliveries_due ORDER BY delivery_id")
+        .fetch_all(c)
+        .await
+        .unwrap()
+}
+
+/// The queue's due work is a table of its own (issue 18): a pending delivery
+/// has one row there, a lease moves its time, a retry keeps it at the new
+/// time, a finished delivery leaves it while its history stays in
+/// `deliveries`; so claims and the next-due read never walk finished work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn due_work_lives_in_its_own_table_and_finished_deliveries_leave_it() {
+    use pushgate::store::{ClaimWant, Health, NextStep, now_ms};
+
+    let db = PgTestDb::create().await;
+    let (store, _feed) = node(&db).await;
+    let mut c = db.connect().await;
+    store
+        .create_endpoint(crate::store_suite::new_endpoint("ep_1"))
+        .await
+        .unwrap();
+    let batch = (1..=3)
+        .map(|seq| crate::store_suite::delivery("ep_1", seq, 0))
+        .collect();
+    assert!(store.enqueue_deliveries(batch, None).await.unwrap());
+    let queued = due(&mut c).await;
+    assert_eq!(queued.len(), 3, "every new delivery is due work");
+
+    let now = now_ms();
+    let want = vec![ClaimWant {
+        endpoint_id: "ep_1".into(),
+        max: 10,
+    }];
+    let claimed = store
+        .claim_deliveries(want.clone(), now, now + 60_000)
+        .await
+        .unwrap();
+    assert_eq!(claimed.deliveries.len(), 3);
+    assert!(
+        due(&mut c).await.iter().all(|(_, at)| *at == now + 60_000),
+        "a lease moves the due time to its end"
+    );
+    assert_eq!(
+        claimed.next_due,
+        vec![("ep_1".to_string(), Some(now + 60_000))]
+    );
+
+    let d = &claimed.deliveries;
+    let outcomes = vec![
+        crate::store_suite::outcome(&d[0], NextStep::Succeeded, Health::Succeeded),
+        crate::store_suite::outcome(&d[1], NextStep::RetryAt(now + 5_000), Health::Failed),
+        crate::store_suite::outcome(&d[2], NextStep::GiveUp, Health::Failed),
+    ];
+    store.record_attempts(outcomes).await.unwrap();
+    assert_eq!(
+        due(&mut c).await,
+        vec![(d[1].id, now + 5_000)],
+        "only the retry is still due work"
+    );
+    let history: i64 = sqlx::query_scalar("SELECT count(*) FROM deliveries")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(history, 3, "finished deliveries stay for the attempts API");
+    let pending = store
+        .list_attempts("ep_1", Some(pushgate::store::AttemptStatus::Pending), 10)
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(
+        (pending[0].delivery_id, pending[0].at_ms),
+        (d[1].id, now + 5_000)
+    );
+
+    // A stale result (a lease that was lost) changes nothing.
+    let stale = crate::store_suite::outcome(&d[1], NextStep::Succeeded, Health::Succeeded);
+    let again = store
+        .claim_deliveries(want.clone(), now + 5_000, now + 70_000)
+        .await
+        .unwrap();
+    assert_eq!(again.deliveries.len(), 1, "the retry comes back when due");
+    store.record_attempts(vec![stale]).await.unwrap();
+    assert_eq!(due(&mut c).await, vec![(d[1].id, now + 70_000)]);
+
+    // Deleting the endpoint takes its due work with it.
+    assert!(store.delete_endpoint("ep_1").await.unwrap());
+    assert!(due(&mut c).await.is_empty());
+    store.close().await;
+}

@@ -179,6 +179,49 @@ async fn a_corrupt_database_answers_500_not_503() {
     );
 }
 
+/// `/metrics` shows the outbound queue: how many deliveries are pending and
+/// how overdue the earliest one is (a disabled endpoint's backlog here).
+#[tokio::test]
+async fn metrics_show_the_delivery_queue() {
+    let s = TestServer::start().await;
+    let metric = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from {text}"))
+    };
+    let text = get(&s, "/metrics").await.text().await.unwrap();
+    assert_eq!(metric(&text, "pushgate_webhook_queue_depth "), 0.0);
+    assert_eq!(
+        metric(&text, "pushgate_webhook_queue_oldest_due_seconds "),
+        0.0
+    );
+
+    // An endpoint that never answers (`.invalid` never resolves): its
+    // deliveries stay pending, waiting for their retries.
+    let r = s
+        .client
+        .post(s.url("/v1/endpoints"))
+        .json(&json!({"url": "https://receiver.invalid/hook", "channels": ["orders"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    s.publish("orders", "t", json!({"n": 1})).await;
+    s.publish("orders", "t", json!({"n": 2})).await;
+    // The dispatcher queues them in the background: wait for it, not for a time.
+    let mut depth = 0.0;
+    for _ in 0..500 {
+        let text = get(&s, "/metrics").await.text().await.unwrap();
+        depth = metric(&text, "pushgate_webhook_queue_depth ");
+        if depth == 2.0 {
+            assert!(metric(&text, "pushgate_webhook_queue_oldest_due_seconds ") >= 0.0);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(depth, 2.0, "both deliveries are pending");
+}
+
 #[tokio::test]
 async fn a_busy_database_answers_503_with_retry_after() {
     let s = TestServer::start().await;

@@ -10,8 +10,8 @@ use pushgate::config::StoreConfig;
 use pushgate::store::{
     self, Appended, AttemptOutcome, AttemptStatus, Bounds, ClaimWant, CommitFeed, Delivery,
     EndpointPatch, Event, Health, INBOUND_CAPPED_KEEP, InboundFilter, InboundStatus, NewDelivery,
-    NewEndpoint, NewInbound, NewMessage, NextStep, OutboxAdvance, Retention, Seq, Store,
-    StoreError, now_ms,
+    NewEndpoint, NewInbound, NewMessage, NextStep, OutboxAdvance, QueueStats, Retention, Seq,
+    Store, StoreError, now_ms,
 };
 use serde_json::value::RawValue;
 
@@ -484,7 +484,7 @@ pub fn delivery(endpoint: &str, seq: Seq, due: i64) -> NewDelivery {
     }
 }
 
-fn outcome(d: &Delivery, next: NextStep, health: Health) -> AttemptOutcome {
+pub fn outcome(d: &Delivery, next: NextStep, health: Health) -> AttemptOutcome {
     AttemptOutcome {
         delivery_id: d.id,
         endpoint_id: d.endpoint_id.clone(),
@@ -773,6 +773,46 @@ pub async fn idempotency_keys_are_scoped_to_their_publisher(log: Log) {
     store.close().await;
 }
 
+/// The queue's depth and earliest due time count pending work only: a
+/// finished delivery leaves them.
+pub async fn queue_stats_count_pending_work(log: Log) {
+    let (store, _feed) = log.open().await;
+    assert_eq!(store.queue_stats().await.unwrap(), QueueStats::default());
+    store.create_endpoint(new_endpoint("ep_1")).await.unwrap();
+    let batch = vec![delivery("ep_1", 1, 1_000), delivery("ep_1", 2, 2_000)];
+    assert!(store.enqueue_deliveries(batch, None).await.unwrap());
+    assert_eq!(
+        store.queue_stats().await.unwrap(),
+        QueueStats {
+            depth: 2,
+            first_due_ms: Some(1_000)
+        }
+    );
+    let want = vec![ClaimWant {
+        endpoint_id: "ep_1".into(),
+        max: 1,
+    }];
+    let now = now_ms();
+    let claimed = store
+        .claim_deliveries(want, now, now + 60_000)
+        .await
+        .unwrap();
+    let d = &claimed.deliveries[0];
+    store
+        .record_attempts(vec![outcome(d, NextStep::Succeeded, Health::Succeeded)])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.queue_stats().await.unwrap(),
+        QueueStats {
+            depth: 1,
+            first_due_ms: Some(2_000)
+        },
+        "the finished one left"
+    );
+    store.close().await;
+}
+
 macro_rules! store_suite {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -804,4 +844,5 @@ store_suite!(
     inbound_refusals_are_capped_by_count,
     outbox_cursor_claims_leases_and_attempts,
     idempotency_keys_are_scoped_to_their_publisher,
+    queue_stats_count_pending_work,
 );

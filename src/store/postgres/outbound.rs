@@ -3,6 +3,11 @@
 //!
 //! The delivery queue is shared by every node (docs/architecture.md,
 //! "Outbound webhooks on several nodes"):
+//! - due work has a table of its own (`deliveries_due`, migration 0005): one
+//!   row per pending delivery, deleted when the delivery finishes, so claims
+//!   and the next-due read (the first entry of an endpoint's range) never
+//!   walk finished deliveries, and `deliveries` (the history) has no index
+//!   on a column the hot path updates, so those updates can be HOT;
 //! - a claim selects due rows `FOR UPDATE SKIP LOCKED` and, in the same
 //!   transaction, leases them (attempts + 1, `next_ms` = the lease's end).
 //!   Rows another node is claiming are skipped, not waited for; a row whose
@@ -22,13 +27,11 @@ use sqlx::postgres::PgPool;
 use sqlx::{PgConnection, Row};
 
 use super::PostgresStore;
-use crate::store::rows::{
-    self, ATTEMPT_COLUMNS, Columns, ENDPOINT_COLUMNS, PENDING_COLUMNS, json_text,
-};
+use crate::store::rows::{self, ATTEMPT_COLUMNS, Columns, ENDPOINT_COLUMNS, json_text};
 use crate::store::{
     AttemptOutcome, AttemptStatus, AttemptView, ClaimWant, Claimed, Delivery, Endpoint,
     EndpointPatch, EndpointSecret, Health, NewDelivery, NewEndpoint, NextStep, OutboundQueue,
-    OutboxAdvance, Seq, StoreError, now_ms,
+    OutboxAdvance, QueueStats, Seq, StoreError, now_ms,
 };
 
 const PENDING: i16 = 0;
@@ -100,6 +103,12 @@ impl OutboundQueue for PostgresStore {
     async fn delete_endpoint(&self, id: &str) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
         // Deliveries before the endpoint: the order `record_attempts` locks in.
+        // Due work first: the order claims and `record_attempts` lock in.
+        sqlx::query("DELETE FROM deliveries_due WHERE endpoint_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
         sqlx::query("DELETE FROM deliveries WHERE endpoint_id = $1")
             .bind(id)
             .execute(&mut *tx)
@@ -185,13 +194,28 @@ impl OutboundQueue for PostgresStore {
         select_attempts(&self.pool, endpoint_id, status, limit).await
     }
 
+    async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
+        let (depth, first_due_ms): (i64, Option<i64>) =
+            sqlx::query_as("SELECT count(*), min(next_ms) FROM deliveries_due")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(QueueStats {
+            depth: depth.max(0) as u64,
+            first_due_ms,
+        })
+    }
+
     async fn prune_deliveries(&self, before_ms: i64) -> Result<u64, StoreError> {
         let mut removed = 0;
         // Chunk by chunk: short transactions, short row locks.
         loop {
             let mut n = sqlx::query(
+                // Finished rows are the oldest ids, mostly: the scan in id
+                // order stops early (there is no index on finished rows, so
+                // that finishing one stays a HOT update).
                 "DELETE FROM deliveries WHERE id IN (
-                     SELECT id FROM deliveries WHERE status <> 0 AND updated_ms < $1 LIMIT $2)",
+                     SELECT id FROM deliveries WHERE status <> 0 AND updated_ms < $1
+                     ORDER BY id LIMIT $2)",
             )
             .bind(before_ms)
             .bind(PRUNE_DELIVERIES_CHUNK)
@@ -289,14 +313,20 @@ async fn insert_deliveries(
         payloads.push(&d.payload[..]);
         next.push(d.next_ms);
     }
-    // WITH ORDINALITY keeps the given order in the ids.
+    // WITH ORDINALITY keeps the given order in the ids; each new delivery
+    // is due work at once.
     sqlx::query(
-        "INSERT INTO deliveries
-             (endpoint_id, seq, event_id, msg_id, payload, status, attempts, leased, next_ms, updated_ms)
-         SELECT e, s, ev, m, p, 0, 0, FALSE, n, $7
-         FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bytea[], $6::bigint[])
-              WITH ORDINALITY AS t(e, s, ev, m, p, n, ord)
-         ORDER BY ord",
+        "WITH queued AS (
+             INSERT INTO deliveries
+                 (endpoint_id, seq, event_id, msg_id, payload, status, attempts, leased, next_ms, updated_ms)
+             SELECT e, s, ev, m, p, 0, 0, FALSE, n, $7
+             FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bytea[], $6::bigint[])
+                  WITH ORDINALITY AS t(e, s, ev, m, p, n, ord)
+             ORDER BY ord
+             RETURNING id, endpoint_id, next_ms
+         )
+         INSERT INTO deliveries_due (delivery_id, endpoint_id, next_ms)
+         SELECT id, endpoint_id, next_ms FROM queued",
     )
     .bind(endpoint_ids)
     .bind(seqs)
@@ -338,17 +368,24 @@ async fn claim(
             // SKIP LOCKED: rows another node is claiming right now are not
             // waited for; a row it has leased meanwhile fails the re-check
             // of `next_ms <= now` and is not returned.
+            // The due rows are locked (and leased) first, then their
+            // deliveries: the order `record_attempts` and `delete_endpoint`
+            // lock in too.
             let rows = sqlx::query(
                 "WITH due AS (
-                     SELECT id, next_ms FROM deliveries
-                     WHERE endpoint_id = $1 AND status = 0 AND next_ms <= $2
+                     SELECT delivery_id, next_ms FROM deliveries_due
+                     WHERE endpoint_id = $1 AND next_ms <= $2
                      ORDER BY next_ms LIMIT $3
                      FOR UPDATE SKIP LOCKED
+                 ), leased AS (
+                     UPDATE deliveries_due q SET next_ms = $4
+                     FROM due WHERE q.delivery_id = due.delivery_id
+                     RETURNING q.delivery_id, due.next_ms AS due_ms
                  )
                  UPDATE deliveries d
                  SET attempts = d.attempts + 1, leased = TRUE, next_ms = $4, updated_ms = $2
-                 FROM due WHERE d.id = due.id
-                 RETURNING d.id, d.seq, d.event_id, d.msg_id, d.payload, d.attempts, due.next_ms",
+                 FROM leased WHERE d.id = leased.delivery_id
+                 RETURNING d.id, d.seq, d.event_id, d.msg_id, d.payload, d.attempts, leased.due_ms",
             )
             .bind(&want.endpoint_id)
             .bind(now)
@@ -383,7 +420,8 @@ async fn claim(
             out.deliveries.extend(leased.into_iter().map(|(_, d)| d));
         }
         let next: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(next_ms) FROM deliveries WHERE endpoint_id = $1 AND status = 0",
+            // The first entry of the endpoint's range in the due index.
+            "SELECT MIN(next_ms) FROM deliveries_due WHERE endpoint_id = $1",
         )
         .bind(&want.endpoint_id)
         .fetch_one(&mut *conn)
@@ -395,8 +433,10 @@ async fn claim(
 }
 
 /// Records attempts (one transaction). Rows are locked in a fixed order —
-/// deliveries by id, then endpoints by id — so batches recorded by several
-/// nodes at once do not deadlock each other.
+/// due rows by id, then deliveries by id, then endpoints by id — so batches
+/// recorded by several nodes at once do not deadlock each other, nor with a
+/// claim (which locks due rows before their deliveries, and skips locked
+/// due rows instead of waiting).
 async fn insert_attempts(
     conn: &mut PgConnection,
     outcomes: &[AttemptOutcome],
@@ -431,16 +471,35 @@ async fn insert_attempts(
     }
     let mut by_delivery = recorded.clone();
     by_delivery.sort_by_key(|o| o.delivery_id);
+    let ids: Vec<i64> = by_delivery.iter().map(|o| o.delivery_id).collect();
+    sqlx::query(
+        "SELECT 1 FROM deliveries_due WHERE delivery_id = ANY($1)
+         ORDER BY delivery_id FOR UPDATE",
+    )
+    .bind(&ids)
+    .execute(&mut *conn)
+    .await
+    .map_err(StoreError::from)?;
     for o in by_delivery {
         let (status, next_ms) = match o.next {
             NextStep::Succeeded => (SUCCEEDED, o.at_ms),
             NextStep::RetryAt(at) => (PENDING, at),
             NextStep::GiveUp => (FAILED, o.at_ms),
         };
-        // Only the claim that holds the row (same attempt number) moves it on.
+        // Only the claim that holds the row (same attempt number) moves it
+        // on; a retry stays due work (at its new time), a finished delivery
+        // leaves the due table.
         sqlx::query(
-            "UPDATE deliveries SET status = $3, leased = FALSE, next_ms = $4, updated_ms = $5
-             WHERE id = $1 AND attempts = $2 AND status = 0",
+            "WITH moved AS (
+                 UPDATE deliveries SET status = $3, leased = FALSE, next_ms = $4, updated_ms = $5
+                 WHERE id = $1 AND attempts = $2 AND status = 0
+                 RETURNING id
+             ), finished AS (
+                 DELETE FROM deliveries_due
+                 WHERE $3 <> 0 AND delivery_id IN (SELECT id FROM moved)
+             )
+             UPDATE deliveries_due SET next_ms = $4
+             WHERE $3 = 0 AND delivery_id IN (SELECT id FROM moved)",
         )
         .bind(o.delivery_id)
         .bind(i32::try_from(o.attempt).unwrap_or(i32::MAX))
@@ -490,10 +549,13 @@ async fn select_attempts(
     let limit = limit.min(i64::MAX as usize) as i64;
     let mut out = Vec::new();
     if matches!(status, None | Some(AttemptStatus::Pending)) {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {PENDING_COLUMNS} FROM deliveries
-             WHERE endpoint_id = $1 AND status = 0 ORDER BY next_ms, id LIMIT $2"
-        )))
+        // Pending deliveries are the endpoint's due work (the columns of
+        // `rows::PENDING_COLUMNS`, the due time from the due table).
+        let rows = sqlx::query(
+            "SELECT d.id, d.event_id, d.msg_id, d.attempts, q.next_ms
+             FROM deliveries_due q JOIN deliveries d ON d.id = q.delivery_id
+             WHERE q.endpoint_id = $1 ORDER BY q.next_ms, q.delivery_id LIMIT $2",
+        )
         .bind(endpoint_id)
         .bind(limit)
         .fetch_all(pool)

@@ -17,7 +17,7 @@ use crate::store::rows::{
 use crate::store::{
     AttemptOutcome, AttemptStatus, AttemptView, ClaimWant, Claimed, Delivery, Endpoint,
     EndpointPatch, EndpointSecret, Health, NewDelivery, NewEndpoint, NextStep, OutboundQueue,
-    OutboxAdvance, Seq, StoreError, now_ms,
+    OutboxAdvance, QueueStats, Seq, StoreError, now_ms,
 };
 
 /// `deliveries.status` values.
@@ -106,6 +106,23 @@ impl OutboundQueue for SqliteStore {
         let id = endpoint_id.to_string();
         self.with_reader(move |c| select_attempts(c, &id, status, limit))
             .await
+    }
+
+    async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
+        // Both read the partial index of pending rows only.
+        self.with_reader(|c| {
+            c.query_row(
+                "SELECT count(*), MIN(next_ms) FROM deliveries WHERE status = 0",
+                [],
+                |r| {
+                    Ok(QueueStats {
+                        depth: r.get::<_, i64>(0)?.max(0) as u64,
+                        first_due_ms: r.get(1)?,
+                    })
+                },
+            )
+        })
+        .await
     }
 
     async fn prune_deliveries(&self, before_ms: i64) -> Result<u64, StoreError> {
