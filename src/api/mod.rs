@@ -112,7 +112,7 @@ pub fn cors(origins: &[String]) -> Option<CorsLayer> {
             header::CONTENT_TYPE,
             HeaderName::from_static("last-event-id"),
         ])
-        .expose_headers([header::RETRY_AFTER])
+        .expose_headers([policy::EXPOSED])
         .max_age(Duration::from_secs(3600));
     if origins.iter().any(|o| o == "*") {
         return Some(layer.allow_origin(AllowOrigin::any()));

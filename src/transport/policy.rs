@@ -64,17 +64,29 @@ pub fn cors(allowed: &[String], origin: Option<&HeaderValue>) -> Cors {
     }
 }
 
+/// Response headers a cross-origin page may read (besides the safelisted
+/// ones): the router's CORS layer exposes the same.
+pub const EXPOSED: http::HeaderName = http::header::RETRY_AFTER;
+
 /// The CORS header lines of a response, for the decision.
 pub fn cors_headers(decision: &Cors) -> Vec<(&'static str, HeaderValue)> {
+    let expose = (
+        "access-control-expose-headers",
+        HeaderValue::from_static(EXPOSED.as_str()),
+    );
     match decision {
         Cors::Deny => Vec::new(),
-        Cors::Any => vec![("access-control-allow-origin", HeaderValue::from_static("*"))],
+        Cors::Any => vec![
+            ("access-control-allow-origin", HeaderValue::from_static("*")),
+            expose,
+        ],
         Cors::Origin(o) => vec![
             ("access-control-allow-origin", o.clone()),
             (
                 "access-control-allow-credentials",
                 HeaderValue::from_static("true"),
             ),
+            expose,
             ("vary", HeaderValue::from_static("origin")),
         ],
     }
