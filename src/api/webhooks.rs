@@ -36,6 +36,11 @@ use crate::ingest::refused_record;
 /// what was sent, not a way to fill the disk at `max_body` per request.
 pub const REJECTED_BODY_KEEP: usize = 64 << 10;
 
+/// The source name refusals of unknown sources are recorded under (the name
+/// that was tried is in the record's message). Not a valid source name, so
+/// it cannot collide with one.
+pub const UNKNOWN_SOURCES: &str = "(unknown)";
+
 /// `POST /webhooks/{source}`.
 pub async fn receive(
     State(app): State<Arc<AppState>>,
@@ -63,7 +68,9 @@ async fn receive_inner(
             "unknown_source",
             format!("no source named `{shown}` is configured (see `[[sources]]`)"),
         );
-        reject(app, &shown, &headers, Bytes::new(), 0, &err).await;
+        // Every unknown name shares one record bucket: the cap is per
+        // source, and a sender can make up names without end.
+        reject(app, UNKNOWN_SOURCES, &headers, Bytes::new(), 0, &err).await;
         return Err(err);
     };
     if source.is_unsigned()

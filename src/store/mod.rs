@@ -208,7 +208,8 @@ pub trait EventLog: Send + Sync + 'static {
 ///   first event: `prune` removes it together with that event;
 /// - records of refused deliveries and of duplicates have no event to
 ///   live with: only the newest `INBOUND_CAPPED_KEEP` of them are kept
-///   (enforced on every insert), so they cannot fill the disk;
+///   per source (enforced on every insert), so they cannot fill the disk
+///   and one noisy sender cannot push every other source's refusals out;
 /// - record ids are strictly increasing and never reused.
 #[async_trait]
 pub trait InboundLog: Send + Sync + 'static {

@@ -682,3 +682,83 @@ async fn a_refused_record_keeps_the_first_64_kib() {
     assert_eq!(big_record["body_truncated"], true);
     assert_eq!(big_record["body"].as_str().unwrap().len(), 64 << 10);
 }
+
+/// Rejected records of one source, counted page by page.
+async fn count_rejected(s: &TestServer, source: &str) -> usize {
+    let mut n = 0;
+    let mut before = String::new();
+    loop {
+        let v: Value = s
+            .client
+            .get(s.url("/v1/inbound"))
+            .query(&[("status", "rejected"), ("source", source), ("limit", "500")])
+            .query(
+                &[("before", before.as_str())]
+                    .iter()
+                    .filter(|(_, b)| !b.is_empty())
+                    .collect::<Vec<_>>(),
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        n += v["inbound"].as_array().unwrap().len();
+        match v["next_before"].as_str() {
+            Some(b) => before = b.to_string(),
+            None => return n,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_refusal_cap_is_per_source() {
+    let s = TestServer::with(|c| {
+        c.limits.invalid_per_client = 0;
+        c.store.synchronous = "normal".into();
+        c.sources.push(source("stripe"));
+        c.sources.push(source("github"));
+    })
+    .await;
+    let wrong = "whsec_d3Jvbmctc2VjcmV0";
+    let now = pushgate::auth::unix_now() as i64;
+    let body = payload("evt_noise", Some("1"));
+    // A quiet source's one refusal, and one for a name nobody configured...
+    let h = sign("github", wrong, body.as_bytes(), now, "gh-1");
+    assert_eq!(
+        crate::ingest::post(&s, "/webhooks/github", &h, body.clone())
+            .await
+            .0,
+        401
+    );
+    for name in ["nope-1", "nope-2"] {
+        let (status, _) = crate::ingest::post(&s, &format!("/webhooks/{name}"), &[], "{}").await;
+        assert_eq!(status, 404);
+    }
+    // ...then a noisy sender past the cap.
+    let h = sign("stripe", wrong, body.as_bytes(), now, "");
+    for _ in 0..1010 {
+        assert_eq!(
+            crate::ingest::post(&s, "/webhooks/stripe", &h, body.clone())
+                .await
+                .0,
+            401
+        );
+    }
+    assert_eq!(
+        count_rejected(&s, "stripe").await,
+        1000,
+        "the noisy source is capped"
+    );
+    assert_eq!(
+        count_rejected(&s, "github").await,
+        1,
+        "the quiet one keeps its refusal"
+    );
+    assert_eq!(
+        count_rejected(&s, "(unknown)").await,
+        2,
+        "unknown names share one bucket"
+    );
+}

@@ -427,6 +427,10 @@ pub async fn inbound_refusals_are_capped_by_count(log: Log) {
     let mut m = msg("a", Some("kept"));
     m.source = "stripe".into();
     let (_, accepted) = store.append_webhook(m, inbound("{}", None)).await.unwrap();
+    // The cap is per source: a quiet source's refusal outlives a noisy one's.
+    let mut quiet = inbound("quiet", Some("invalid_signature"));
+    quiet.source = "github".into();
+    let quiet = store.record_rejected(quiet).await.unwrap();
     let extra = 5;
     let mut last = 0;
     for i in 0..INBOUND_CAPPED_KEEP + extra {
@@ -438,12 +442,17 @@ pub async fn inbound_refusals_are_capped_by_count(log: Log) {
     let rejected = store
         .list_inbound(InboundFilter {
             status: Some(InboundStatus::Rejected),
+            source: Some("stripe".into()),
             limit: 10_000,
             ..Default::default()
         })
         .await
         .unwrap();
     assert_eq!(rejected.len(), INBOUND_CAPPED_KEEP);
+    assert!(
+        store.get_inbound(quiet).await.unwrap().is_some(),
+        "another source's refusal is not pushed out"
+    );
     assert_eq!(rejected[0].id, last, "the newest are kept");
     let oldest = store
         .get_inbound(rejected.last().unwrap().id)

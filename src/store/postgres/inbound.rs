@@ -2,7 +2,7 @@
 //!
 //! Invariants (see `store::InboundLog`): accepted records are inserted by
 //! the writer in the transaction of their group; refusals and duplicates
-//! are capped to the newest `INBOUND_CAPPED_KEEP` on every insert; ids
+//! are capped to the newest `INBOUND_CAPPED_KEEP` per source on every insert; ids
 //! follow insert order; a new message's body equal to its event's data is
 //! stored once (`body` NULL).
 
@@ -121,10 +121,10 @@ FROM UNNEST($2::text[], $3::text[], $4::bool[], $5::text[], $6::text[], $7::text
 ORDER BY ord
 RETURNING id";
 
-/// Keeps only the newest `INBOUND_CAPPED_KEEP` capped records.
+/// Keeps only the newest `INBOUND_CAPPED_KEEP` capped records of a source.
 const TRIM_INBOUND: &str = "
-DELETE FROM inbound WHERE capped AND id <= (
-    SELECT id FROM inbound WHERE capped ORDER BY id DESC OFFSET $1 LIMIT 1)";
+DELETE FROM inbound WHERE capped AND source = $2 AND id <= (
+    SELECT id FROM inbound WHERE capped AND source = $2 ORDER BY id DESC OFFSET $1 LIMIT 1)";
 
 impl<'a> InboundColumns<'a> {
     /// The accepted deliveries of a group, with their append outcomes.
@@ -207,14 +207,20 @@ impl<'a> InboundColumns<'a> {
             .await?;
         // Identity values follow the insert order (ORDER BY ord).
         ids.sort_unstable();
-        let capped = self
+        let mut capped_sources: Vec<&str> = self
             .duplicate
             .iter()
             .zip(&self.status)
-            .any(|(d, s)| *d || *s == InboundStatus::Rejected.as_str());
-        if capped {
+            .zip(&self.source)
+            .filter(|((d, s), _)| **d || **s == InboundStatus::Rejected.as_str())
+            .map(|(_, source)| *source)
+            .collect();
+        capped_sources.sort_unstable();
+        capped_sources.dedup();
+        for source in capped_sources {
             sqlx::query(TRIM_INBOUND)
                 .bind(INBOUND_CAPPED_KEEP as i64)
+                .bind(source)
                 .execute(&mut *conn)
                 .await?;
         }

@@ -2,7 +2,7 @@
 //!
 //! Invariants (see `store::InboundLog`): accepted records are written by the
 //! writer in the savepoint of their message; refusals and duplicates are
-//! capped to the newest `INBOUND_CAPPED_KEEP` on every insert; a new
+//! capped to the newest `INBOUND_CAPPED_KEEP` per source on every insert; a new
 //! message's body equal to its event's data is stored once (`body` NULL).
 
 use async_trait::async_trait;
@@ -157,10 +157,11 @@ pub(super) fn insert_inbound(
     let id = conn.last_insert_rowid();
     if capped {
         let mut trim = conn.prepare_cached(
-            "DELETE FROM inbound WHERE capped = 1 AND id <= (
-                 SELECT id FROM inbound WHERE capped = 1 ORDER BY id DESC LIMIT 1 OFFSET ?1)",
+            "DELETE FROM inbound WHERE capped = 1 AND source = ?2 AND id <= (
+                 SELECT id FROM inbound WHERE capped = 1 AND source = ?2
+                 ORDER BY id DESC LIMIT 1 OFFSET ?1)",
         )?;
-        trim.execute(params![INBOUND_CAPPED_KEEP as i64])?;
+        trim.execute(params![INBOUND_CAPPED_KEEP as i64, inbound.source])?;
     }
     Ok(id)
 }
