@@ -93,14 +93,8 @@ mod tests {
     fn the_defaults_leave_only_the_documented_gaps() {
         let c = Config::load(None, Vec::new()).unwrap();
         let keys: Vec<_> = disabled(&c).into_iter().map(|d| d.key).collect();
-        // Publish keys belong to the operator's own backends; stream caps are
-        // being given a default separately (issue 11 item 5).
-        for key in &keys {
-            assert!(
-                ["limits.publish_per_key", "limits.streams_per_client"].contains(key),
-                "{key} is off by default"
-            );
-        }
+        // Publish keys belong to the operator's own backends.
+        assert_eq!(keys, ["limits.publish_per_key"]);
     }
 
     #[test]

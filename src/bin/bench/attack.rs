@@ -104,14 +104,21 @@ pub async fn attack(opts: &Opts) -> Result<Value, String> {
     let cpu0 = target.cpu_us();
     let t0 = Instant::now();
     let mut rss_max = rss_before;
+    let mut open_max = 0;
+    let mut open_late = 0;
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(250)).await;
         rss_max = rss_max.max(target.rss_kib());
+        let open = stats.open.load(Ordering::Relaxed);
+        open_max = open_max.max(open);
+        if until.saturating_duration_since(Instant::now()) > Duration::from_millis(500) {
+            // The last sample well before the attackers stop by themselves.
+            open_late = open;
+        }
     }
     let wall = t0.elapsed().as_secs_f64();
     let cpu_pct = (target.cpu_us() - cpu0) as f64 / 1e6 / wall * 100.0;
     let rss_end = target.rss_kib();
-    let open_at_end = stats.open.load(Ordering::Relaxed);
     stop.notify_waiters();
     let probe = probe.await.map_err(|e| e.to_string())?;
     for a in attackers {
@@ -131,7 +138,8 @@ pub async fn attack(opts: &Opts) -> Result<Value, String> {
             "cpu_percent_of_one_core": (cpu_pct * 10.0).round() / 10.0,
         },
         "attacker": {
-            "connections_open_at_end": open_at_end,
+            "connections_open_max": open_max,
+            "connections_open_near_end": open_late,
             "connects": stats.connects.load(Ordering::Relaxed),
             "refused_or_closed": stats.closed.load(Ordering::Relaxed),
             "requests": stats.requests.load(Ordering::Relaxed),
