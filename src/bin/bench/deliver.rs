@@ -61,6 +61,9 @@ pub async fn deliver(opts: &Opts) -> Result<Value, String> {
     let seconds: u64 = opts.get("seconds", 5);
     let workers: usize = opts.get("workers", 64);
     let per_endpoint: usize = opts.get("per-endpoint", 4);
+    // `--store postgres://…` (a fresh database) runs the server on it;
+    // without it, a fresh SQLite file.
+    let store = opts.str("store", "");
     let tally = Arc::new(Mutex::new(Tally::default()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -73,15 +76,15 @@ pub async fn deliver(opts: &Opts) -> Result<Value, String> {
 
     let workers_env = workers.to_string();
     let per_endpoint_env = per_endpoint.to_string();
-    let server = Target::start(
-        "pushgate",
-        &[
-            ("PUSHGATE_DELIVERY__ALLOW_TARGETS", r#"["127.0.0.1/32"]"#),
-            ("PUSHGATE_DELIVERY__WORKERS", &workers_env),
-            ("PUSHGATE_DELIVERY__PER_ENDPOINT", &per_endpoint_env),
-        ],
-    )
-    .await?;
+    let mut env = vec![
+        ("PUSHGATE_DELIVERY__ALLOW_TARGETS", r#"["127.0.0.1/32"]"#),
+        ("PUSHGATE_DELIVERY__WORKERS", &workers_env),
+        ("PUSHGATE_DELIVERY__PER_ENDPOINT", &per_endpoint_env),
+    ];
+    if !store.is_empty() {
+        env.push(("PUSHGATE_STORE__URL", store.as_str()));
+    }
+    let server = Target::start("pushgate", &env).await?;
     let base = format!("http://{}", server.addr);
     let client = reqwest::Client::new();
     for i in 0..endpoints {
