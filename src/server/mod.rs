@@ -143,6 +143,7 @@ where
     let builder = builder(cfg);
     let graceful = GracefulShutdown::new();
     let handshake_timeout = cfg.header_timeout.0;
+    let write_deadline = sse_h1::hyper_write_deadline(&app.config);
     let conn_cap =
         conn_cap::ConnCap::new(app.config.limits.connections_per_client, trusted.clone());
     tokio::pin!(shutdown);
@@ -193,7 +194,9 @@ where
                             sse_h1::serve(app, stream, peer, &trusted_h1, head).await;
                             return;
                         }
-                        sse_h1::Sniffed::Other(stream) => stream,
+                        sse_h1::Sniffed::Other(stream) => {
+                            stream.with_write_deadline(write_deadline)
+                        }
                     };
                     let conn =
                         builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
@@ -203,8 +206,13 @@ where
             Some(acceptor) => {
                 tokio::spawn(async move {
                     let _slot = slot;
-                    let Ok(Ok(tls)) =
-                        tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
+                    let Ok(Ok(tls)) = tokio::time::timeout(
+                        handshake_timeout,
+                        acceptor.accept(
+                            sse_h1::Prefixed::plain(stream).with_write_deadline(write_deadline),
+                        ),
+                    )
+                    .await
                     else {
                         return;
                     };

@@ -102,11 +102,17 @@ pub async fn sniff(stream: TcpStream, timeout: Duration) -> Sniffed {
     }
 }
 
-/// A connection whose first bytes were already read by `sniff`: they are
-/// read again first, so hyper sees the connection from its start.
+/// A connection as hyper serves it (plain, or under TLS). The first bytes,
+/// if `sniff` already read them, are read again first, so hyper sees the
+/// connection from its start. Writes get a deadline: a write that makes no
+/// progress for `write_deadline` fails, and hyper closes the connection, so
+/// a client that stops reading cannot hold a stream (and its batch) forever.
+/// The timer exists only while a write is blocked.
 pub struct Prefixed {
     prefix: Bytes,
     inner: TcpStream,
+    write_deadline: Duration,
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Prefixed {
@@ -114,7 +120,47 @@ impl Prefixed {
         Prefixed {
             prefix: prefix.into(),
             inner,
+            write_deadline: Duration::MAX,
+            stalled: None,
         }
+    }
+
+    /// A connection with nothing read yet (the TLS path).
+    pub fn plain(inner: TcpStream) -> Prefixed {
+        Prefixed::new(Vec::new(), inner)
+    }
+
+    pub fn with_write_deadline(mut self, deadline: Duration) -> Prefixed {
+        self.write_deadline = deadline;
+        self
+    }
+
+    /// Tracks a write's progress: `Pending` starts the clock, anything else
+    /// stops it; past the deadline the write fails.
+    fn deadline<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        if self.write_deadline == Duration::MAX {
+            return Poll::Pending;
+        }
+        let deadline = self.write_deadline;
+        let sleep = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(deadline)));
+        if sleep.as_mut().poll(cx).is_ready() {
+            self.stalled = None;
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client is not reading",
+            )));
+        }
+        Poll::Pending
     }
 }
 
@@ -143,7 +189,8 @@ impl tokio::io::AsyncWrite for Prefixed {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.deadline(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -151,7 +198,8 @@ impl tokio::io::AsyncWrite for Prefixed {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.deadline(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -275,6 +323,15 @@ pub async fn serve(
 /// every heartbeat), at least a second.
 fn write_deadline(app: &AppState) -> Duration {
     (app.config.server.heartbeat.0 * 2).max(Duration::from_secs(1))
+}
+
+/// The same for connections hyper serves; WebSockets among them close
+/// slow readers themselves (`websocket.send_timeout`, with a close frame),
+/// so this stays behind that.
+pub fn hyper_write_deadline(config: &crate::config::Config) -> Duration {
+    (config.server.heartbeat.0 * 2)
+        .max(config.websocket.send_timeout.0 * 2)
+        .max(Duration::from_secs(1))
 }
 
 async fn stream_body(

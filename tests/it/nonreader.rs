@@ -44,21 +44,40 @@ async fn open_sse_streams(s: &TestServer) -> f64 {
 async fn an_sse_client_that_stops_reading_is_closed_and_one_that_reads_gets_everything() {
     let s = TestServer::with(|c| {
         c.server.heartbeat = pushgate::config::Dur(Duration::from_millis(100));
+        // hyper's connections wait for twice this (WebSockets close first).
+        c.websocket.send_timeout = pushgate::config::Dur(Duration::from_secs(1));
     })
     .await;
     let ids = publish_big(&s).await;
 
+    // The lean path (a CRLF head), then hyper (a bare-LF head goes there).
+    for head in [
+        &b"GET /v1/stream?channel=big&since=earliest HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"[..],
+        &b"GET /v1/stream?channel=big&since=earliest HTTP/1.1\nhost: 127.0.0.1\n\n"[..],
+    ] {
+        stalled_client_is_closed(&s, head).await;
+    }
+
+    // Positive control: a client that reads receives every event, in order.
+    let mut reader = s.sse("channel=big&since=earliest").await;
+    for id in &ids {
+        let e = reader
+            .next_timeout(Duration::from_secs(20))
+            .await
+            .expect("event");
+        assert_eq!(e.id.as_deref(), Some(id.as_str()));
+    }
+}
+
+async fn stalled_client_is_closed(s: &TestServer, head: &[u8]) {
     // Never reads: the server's writes stall once the socket buffers fill.
     let mut stalled = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-    stalled
-        .write_all(b"GET /v1/stream?channel=big&since=earliest HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
-        .await
-        .unwrap();
-    // The write deadline (two heartbeats, at least 1 s) closes it.
+    stalled.write_all(head).await.unwrap();
+    // The write deadline closes it.
     let mut closed = false;
     for _ in 0..150 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        if open_sse_streams(&s).await == 0.0 {
+        if open_sse_streams(s).await == 0.0 {
             closed = true;
             break;
         }
@@ -75,16 +94,6 @@ async fn an_sse_client_that_stops_reading_is_closed_and_one_that_reads_gets_ever
         delivered < EVENTS,
         "a stalled client was sent everything ({delivered})"
     );
-
-    // Positive control: a client that reads receives every event, in order.
-    let mut reader = s.sse("channel=big&since=earliest").await;
-    for id in &ids {
-        let e = reader
-            .next_timeout(Duration::from_secs(20))
-            .await
-            .expect("event");
-        assert_eq!(e.id.as_deref(), Some(id.as_str()));
-    }
 }
 
 #[tokio::test]
