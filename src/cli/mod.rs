@@ -1,4 +1,4 @@
-//! The command line: `pushgate serve | send | listen | token`.
+//! The command line: `pushgate serve | send | listen | token | completions`.
 //!
 //! Owns argument parsing and what each subcommand prints; the work itself is
 //! done by the library (`serve`) so the CLI stays thin.
@@ -8,12 +8,20 @@ pub mod send;
 pub mod serve;
 pub mod token;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+
+/// The crate version and the git revision it was built from (build.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("PUSHGATE_GIT_REV"),
+    ")"
+);
 
 #[derive(Parser, Debug)]
 #[command(
     name = "pushgate",
-    version,
+    version = VERSION,
     about = "Self-hosted real-time event gateway"
 )]
 pub struct Cli {
@@ -31,6 +39,11 @@ pub enum Command {
     Send(send::SendArgs),
     /// Mint an HS256 subscriber token (JWT) and print it.
     Token(token::TokenArgs),
+    /// Print a shell completion script: `pushgate completions bash > /etc/bash_completion.d/pushgate`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Runs the CLI; the return value is the process exit code.
@@ -40,5 +53,14 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Listen(args) => listen::run(args).await,
         Command::Send(args) => send::run(args).await,
         Command::Token(args) => token::run(args),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "pushgate",
+                &mut std::io::stdout(),
+            );
+            0
+        }
     }
 }
