@@ -26,7 +26,8 @@ fn serve_and_stop(envs: &[(&str, &str)]) -> String {
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().expect("spawn pushgate");
+    let mut guard = KillOnDrop(cmd.spawn().expect("spawn pushgate"));
+    let child = &mut guard.0;
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
@@ -55,6 +56,17 @@ fn serve_and_stop(envs: &[(&str, &str)]) -> String {
     let status = child.wait().unwrap();
     assert!(status.success(), "exit {status:?}, stderr {err}");
     err
+}
+
+/// Kills and reaps the server if the test fails half-way, so no process
+/// outlives the test.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Polls `GET /readyz` over a plain TCP socket until it answers 200.
