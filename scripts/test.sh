@@ -59,3 +59,6 @@ if [ -f tests/js/package.json ] && [ -d clients/js ]; then
   log "client library unit tests (node --test)"
   node --test clients/js/test/
 fi
+
+log "API fuzzing against /openapi.json (schemathesis, bounded)"
+scripts/fuzz-api.sh

@@ -12,6 +12,7 @@ pub mod demo;
 pub mod endpoints;
 pub mod error;
 pub mod inbound;
+pub mod openapi;
 pub mod publish;
 pub mod request_checks;
 pub mod webhooks;
@@ -67,6 +68,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
+        .route("/openapi.json", get(openapi::document))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(

@@ -13,6 +13,7 @@ mod ingest;
 mod ingest_interop;
 mod multinode;
 mod nonreader;
+mod openapi;
 mod ops;
 mod pg;
 mod pg_store;
