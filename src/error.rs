@@ -13,7 +13,6 @@ use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use serde_json::json;
 
-use crate::api::BodyError;
 use crate::auth::AuthError;
 use crate::channel::InvalidChannel;
 use crate::ingest::Rejection;
@@ -165,16 +164,6 @@ impl From<Rejection> for ApiError {
     }
 }
 
-impl From<BodyError> for ApiError {
-    fn from(e: BodyError) -> ApiError {
-        match e {
-            BodyError::TooLarge { limit } => ApiError::payload_too_large(limit),
-            BodyError::Unreadable(_) => ApiError::bad_request("invalid_body", e.to_string()),
-            BodyError::Cut(cut) => ApiError::from(cut),
-        }
-    }
-}
-
 impl ApiError {
     /// The contract's JSON error body, `{"error":{"code":…,"message":…}}`:
     /// the one rendering, used by the router and the lean SSE path alike.
@@ -247,16 +236,6 @@ mod tests {
         assert_eq!(
             (e.status, e.code),
             (StatusCode::UNAUTHORIZED, "invalid_signature")
-        );
-        let e = ApiError::from(BodyError::TooLarge { limit: 10 });
-        assert_eq!(
-            (e.status, e.code),
-            (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
-        );
-        let e = ApiError::from(BodyError::Unreadable("reset".into()));
-        assert_eq!(
-            (e.status, e.code),
-            (StatusCode::BAD_REQUEST, "invalid_body")
         );
     }
 }

@@ -23,6 +23,26 @@ const DOMAIN: &[&str] = &[
 /// What a domain module may not name, as the first segment after `crate::`.
 const FORBIDDEN: &[&str] = &["api", "server", "transport", "error", "state", "AppState"];
 
+/// Shared modules that sit between the domain and the HTTP layer: the one
+/// `ApiError` mapping, `AppState`, metrics and the start-up warnings. They
+/// may name domain modules (that is their job) but never the HTTP layer
+/// above them, or the arrows would form a cycle through them.
+const BELOW_HTTP: &[&str] = &["error", "state", "metrics", "hardening"];
+
+/// What a module below the HTTP layer may not name.
+const HTTP_LAYER: &[&str] = &["api", "server", "transport"];
+
+/// The names a file's top-level module may not reach for, if any rule covers it.
+fn forbidden_for(top: &str) -> Option<&'static [&'static str]> {
+    if DOMAIN.contains(&top) {
+        Some(FORBIDDEN)
+    } else if BELOW_HTTP.contains(&top) {
+        Some(HTTP_LAYER)
+    } else {
+        None
+    }
+}
+
 /// Replaces comments, string literals and char literals with spaces, so a
 /// doc comment or a message that mentions `crate::api` is not an import.
 fn strip(src: &str) -> String {
@@ -180,7 +200,7 @@ fn module_path(rel: &Path) -> Vec<String> {
 /// Every path in `src` that starts at the crate root and names a forbidden
 /// module: `crate::api::…`, `crate::{store, api::x}`, and `super::` chains
 /// that climb to the root (from `module`).
-fn upward_references(src: &str, module: &[String]) -> Vec<String> {
+fn upward_references(src: &str, module: &[String], forbidden: &[&str]) -> Vec<String> {
     let t = tokens(&strip(src));
     let mut found = Vec::new();
     let mut i = 0;
@@ -242,7 +262,7 @@ fn upward_references(src: &str, module: &[String]) -> Vec<String> {
             None => {}
         }
         for name in names {
-            if FORBIDDEN.contains(&name.as_str()) {
+            if forbidden.contains(&name.as_str()) {
                 found.push(format!("crate::{name}"));
             }
         }
@@ -273,22 +293,31 @@ fn domain_modules_never_import_the_http_layer() {
     for file in &files {
         let rel = file.strip_prefix(&src).expect("under src");
         let module = module_path(rel);
-        if !module
-            .first()
-            .is_some_and(|top| DOMAIN.contains(&top.as_str()))
-        {
+        let Some(forbidden) = module.first().and_then(|top| forbidden_for(top)) else {
             continue;
-        }
+        };
         let text = std::fs::read_to_string(file).expect("read source");
-        for hit in upward_references(&text, &module) {
+        for hit in upward_references(&text, &module, forbidden) {
             violations.push(format!("src/{}: {hit}", rel.display()));
         }
         checked.push(module.join("::"));
     }
     // The rule covers the modules it names: they exist and were read.
     for top in [
-        "store", "ingest", "deliver", "auth", "limits", "config", "channel", "message", "clock",
+        "store",
+        "ingest",
+        "deliver",
+        "auth",
+        "limits",
+        "config",
+        "channel",
+        "message",
+        "clock",
         "hub",
+        "error",
+        "state",
+        "metrics",
+        "hardening",
     ] {
         assert!(
             checked
@@ -300,7 +329,8 @@ fn domain_modules_never_import_the_http_layer() {
     assert!(
         violations.is_empty(),
         "domain modules must not import api, server, transport, AppState or crate::error \
-         (define a thiserror enum and map it in src/error.rs):\n{}",
+         (define a thiserror enum and map it in src/error.rs), and error, state, metrics \
+         and hardening must not import api, server or transport:\n{}",
         violations.join("\n")
     );
 }
@@ -310,7 +340,11 @@ fn domain_modules_never_import_the_http_layer() {
 #[test]
 fn the_scanner_catches_upward_imports_and_only_those() {
     let at = |m: &str| -> Vec<String> { m.split("::").map(String::from).collect() };
-    let hits = |src: &str, m: &str| upward_references(src, &at(m));
+    let hits = |src: &str, m: &str| {
+        let forbidden =
+            forbidden_for(m.split("::").next().unwrap_or("")).expect("a covered module");
+        upward_references(src, &at(m), forbidden)
+    };
     // Refused.
     assert_eq!(
         hits("use crate::api::error::ApiError;", "limits"),
@@ -336,6 +370,18 @@ fn the_scanner_catches_upward_imports_and_only_those() {
     assert_eq!(
         hits("use crate :: state :: AppState;", "store"),
         ["crate::state"]
+    );
+    // Below the HTTP layer: the error mapping may not name `api`, but it may
+    // name the domain errors it maps (the control beside it).
+    assert_eq!(hits("use crate::api::BodyError;", "error"), ["crate::api"]);
+    assert_eq!(
+        hits("use crate::{auth::AuthError, transport::sse};", "state"),
+        ["crate::transport"]
+    );
+    assert!(hits("use crate::{auth::AuthError, store::StoreError};", "error").is_empty());
+    assert!(
+        forbidden_for("api").is_none(),
+        "the HTTP layer may name anything"
     );
     // Allowed.
     assert!(hits("use crate::store::{Seq, Store};", "hub").is_empty());

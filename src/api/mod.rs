@@ -169,6 +169,18 @@ pub enum BodyError {
     Cut(#[from] bodies::BodyCut),
 }
 
+/// The HTTP answer to a body that could not be read: mapped here, beside
+/// the type, so `error.rs` (below the HTTP layer) never names `api`.
+impl From<BodyError> for ApiError {
+    fn from(e: BodyError) -> ApiError {
+        match e {
+            BodyError::TooLarge { limit } => ApiError::payload_too_large(limit),
+            BodyError::Unreadable(_) => ApiError::bad_request("invalid_body", e.to_string()),
+            BodyError::Cut(cut) => ApiError::from(cut),
+        }
+    }
+}
+
 /// Reads `req`'s body, up to `limit` bytes: a declared `Content-Length`
 /// over the limit is refused before anything is read, a streamed body as
 /// soon as it crosses it.
@@ -322,6 +334,20 @@ async fn render_metrics(State(app): State<Arc<AppState>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn body_errors_map_to_the_contracts_codes() {
+        let e = ApiError::from(BodyError::TooLarge { limit: 10 });
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+        );
+        let e = ApiError::from(BodyError::Unreadable("reset".into()));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::BAD_REQUEST, "invalid_body")
+        );
+    }
 
     /// A body without `Content-Length`, arriving in chunks.
     fn streamed(chunks: usize, size: usize) -> Request {
